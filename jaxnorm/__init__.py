@@ -1,0 +1,19 @@
+"""jaxnorm: normalization layers for JAX as pure functions with explicit state.
+
+The functional API is re-exported here once; the Flax frontends live in
+``jaxnorm.linen`` and ``jaxnorm.nnx`` (importing ``jaxnorm`` does not import Flax).
+"""
+
+from ._norms import batch_norm as batch_norm
+from ._norms import group_norm as group_norm
+from ._norms import instance_norm as instance_norm
+from ._norms import layer_norm as layer_norm
+from ._norms import normalize as normalize
+from ._norms import rms_norm as rms_norm
+from ._stats import moments as moments
+from ._stats import update_batch_stats as update_batch_stats
+from ._types import BatchStats as BatchStats
+from ._types import Moments as Moments
+from ._types import init_batch_stats as init_batch_stats
+
+__version__ = "0.1.0"

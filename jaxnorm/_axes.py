@@ -1,0 +1,193 @@
+"""Axis canonicalisation and input validation.
+
+Every error message users can see lives here.  Each one says what was expected,
+what was received and how to fix it, and is raised at trace time.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._types import Array, Axes, BatchStats, Shape
+
+
+def canonical_axes(axes: Axes, ndim: int, *, what: str, fn: str) -> tuple[int, ...]:
+  """Normalises ``axes`` (int or sequence) to sorted non-negative ints; rejects bad ones."""
+  if isinstance(axes, (numbers.Integral, np.integer)):
+    axes = (axes,)
+  try:
+    axes = tuple(axes)
+  except TypeError:
+    raise TypeError(f"{fn}: {what} must be an int or a sequence of ints, got {axes!r}.") from None
+  out = []
+  for a in axes:
+    if not isinstance(a, (numbers.Integral, np.integer)) or isinstance(a, bool):
+      raise TypeError(f"{fn}: {what} must contain ints, got {a!r} in {axes!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"{fn}: {what} {a} is out of range for an input of rank {ndim} "
+          f"(valid: {-ndim}..{ndim - 1}). Check the layout of your input, e.g. "
+          "NHWC has the feature axis at -1 and NCHW at 1.")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{fn}: {what} {axes!r} names the same axis twice; list each axis once.")
+  return tuple(sorted(out))
+
+
+def other_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+  return tuple(a for a in range(ndim) if a not in axes)
+
+
+def check_disjoint(reduction_axes, feature_axes, *, fn: str) -> None:
+  overlap = sorted(set(reduction_axes) & set(feature_axes))
+  if overlap:
+    raise ValueError(
+        f"{fn}: feature_axes {feature_axes} overlap reduction_axes {reduction_axes} "
+        f"at {overlap}. A feature axis gets one scale/bias per entry, so statistics cannot "
+        "also be reduced over it; remove it from one of the two.")
+
+
+def check_floating(x: Any, *, fn: str, name: str = "x") -> Array:
+  x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{fn}: {name} must be a floating array (bf16, f16, f32, f64), got dtype {x.dtype}. "
+        f"Cast it first, e.g. {name}.astype(jnp.float32).")
+  return x
+
+
+def check_training(training: Any, *, fn: str) -> bool:
+  if isinstance(training, (bool, np.bool_)):
+    return bool(training)
+  raise TypeError(
+      f"{fn}: `training` must be a Python bool, got {type(training).__name__} "
+      f"({training!r}). It selects different computations, so it must be known at trace "
+      "time: pass it as a static argument (jax.jit(f, static_argnames='training')), or "
+      "switch with lax.cond(flag, lambda: f(training=True), lambda: f(training=False)).")
+
+
+def check_nonnegative(value: Any, *, fn: str, name: str) -> None:
+  if isinstance(value, numbers.Real) and not (value >= 0):  # also catches NaN
+    raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}. Typical values are 1e-5 or 1e-6.")
+
+
+def check_momentum(momentum: Any, *, fn: str) -> None:
+  if isinstance(momentum, numbers.Real) and not (0.0 <= momentum <= 1.0):
+    raise ValueError(
+        f"{fn}: momentum must be in [0, 1] (new = momentum*old + (1-momentum)*batch), "
+        f"got {momentum!r}. A PyTorch momentum m corresponds to jaxnorm momentum 1 - m.")
+
+
+def broadcast_shape(x_shape: Shape, feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of a per-feature array laid out to broadcast against ``x``."""
+  return tuple(d if i in feature_axes else 1 for i, d in enumerate(x_shape))
+
+
+def feature_shape(x_shape: Shape, feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(x_shape[a] for a in feature_axes)
+
+
+def _broadcasts(shape: Shape, target: Shape) -> bool:
+  return len(shape) == len(target) and all(s in (1, t) for s, t in zip(shape, target))
+
+
+def per_feature(p: Any, *, name: str, x_shape: Shape, feature_axes: tuple[int, ...],
+                fn: str) -> Array | None:
+  """Lays out a scale/bias/statistic for broadcasting against ``x``.
+
+  Accepted: ``None``; an array of the feature shape (one entry per feature); or an
+  array of the same rank as ``x`` that broadcasts to it (per-sample FiLM/AdaLN).
+  """
+  if p is None:
+    return None
+  p = check_floating(p, fn=fn, name=name)
+  fshape = feature_shape(x_shape, feature_axes)
+  if p.shape == fshape:
+    return p.reshape(broadcast_shape(x_shape, feature_axes))
+  if _broadcasts(p.shape, x_shape):
+    return p
+  raise ValueError(
+      f"{fn}: {name} has shape {p.shape}, but the input {tuple(x_shape)} with feature axes "
+      f"{feature_axes} needs the feature shape {fshape}, or an array of rank {len(x_shape)} "
+      f"that broadcasts to {tuple(x_shape)} (e.g. per-sample FiLM). Reshape {name} to one of these.")
+
+
+def check_mask(where: Any, x_shape: Shape, *, fn: str) -> Array | None:
+  """A boolean mask broadcastable to ``x``, returned with the rank of ``x``."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"{fn}: the mask `where` must be boolean (True = use this element), got "
+                    f"dtype {where.dtype}. Use e.g. `where=mask.astype(bool)`.")
+  if where.ndim > len(x_shape):
+    raise ValueError(f"{fn}: the mask has rank {where.ndim}, more than the input's "
+                     f"rank {len(x_shape)}.")
+  padded = (1,) * (len(x_shape) - where.ndim) + tuple(where.shape)
+  if not _broadcasts(padded, x_shape):
+    raise ValueError(
+        f"{fn}: the mask of shape {where.shape} does not broadcast to the input shape "
+        f"{tuple(x_shape)}. Give it the input's shape, or size 1 on the axes it does not "
+        "vary along, e.g. (batch, 1) for a per-sample mask on (batch, features).")
+  return where.reshape(padded)
+
+
+def check_batch_stats(stats: Any, x_shape: Shape, feature_axes: tuple[int, ...], *,
+                      fn: str) -> BatchStats:
+  if not isinstance(stats, BatchStats):
+    if isinstance(stats, tuple) and len(stats) == 2:
+      stats = BatchStats(*stats)
+    else:
+      raise TypeError(f"{fn}: stats must be a jaxnorm.BatchStats(mean, var), got "
+                      f"{type(stats).__name__}. Create one with jaxnorm.init_batch_stats"
+                      f"({feature_shape(x_shape, feature_axes)}).")
+  fshape = feature_shape(x_shape, feature_axes)
+  for name, v in zip(stats._fields, stats):
+    v = jnp.asarray(v) if not isinstance(v, jax.Array) else v
+    if tuple(v.shape) != fshape:
+      raise ValueError(
+          f"{fn}: running {name} has shape {tuple(v.shape)}, but the input "
+          f"{tuple(x_shape)} with feature axes {feature_axes} has features of shape {fshape}. "
+          f"Check `feature_axes` (the layout) or re-create the state with "
+          f"jaxnorm.init_batch_stats({fshape}).")
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      raise TypeError(f"{fn}: running {name} must be floating, got dtype {v.dtype}. "
+                      "Re-create the state with jaxnorm.init_batch_stats (float32 by default).")
+  return BatchStats(*(jnp.asarray(v) for v in stats))
+
+
+def check_groups(channels: int, num_groups: int | None, group_size: int | None, *,
+                 fn: str) -> int:
+  """Returns the number of groups, validating ``num_groups``/``group_size``."""
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(f"{fn}: give exactly one of num_groups or group_size, got "
+                     f"num_groups={num_groups!r}, group_size={group_size!r}.")
+  if group_size is not None:
+    if not isinstance(group_size, numbers.Integral) or group_size <= 0 or channels % group_size:
+      raise ValueError(f"{fn}: group_size={group_size!r} must be a positive int dividing the "
+                       f"number of channels {channels}; divisors: {_divisors(channels)}.")
+    return channels // group_size
+  if not isinstance(num_groups, numbers.Integral) or num_groups <= 0 or channels % num_groups:
+    raise ValueError(f"{fn}: num_groups={num_groups!r} must be a positive int dividing the "
+                     f"number of channels {channels}; divisors: {_divisors(channels)}.")
+  return int(num_groups)
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0][:16]
+
+
+def check_choice(value: Any, choices: Sequence[str], *, fn: str, name: str) -> str:
+  if value not in choices:
+    raise ValueError(f"{fn}: {name} must be one of {list(choices)}, got {value!r}.")
+  return value
+
+
+def size(shape: Shape, axes: Sequence[int]) -> int:
+  return math.prod(shape[a] for a in axes)

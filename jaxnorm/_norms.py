@@ -1,0 +1,294 @@
+"""The normalizers: pure functions of arrays, with explicit state for batch norm.
+
+All of them are one computation: statistics from :func:`jaxnorm._stats.centered_moments`
+and the affine map :func:`_scale_shift`.  They differ only in which axes are
+reduced and which carry per-feature scale and bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax.numpy as jnp
+from jax import lax
+
+from . import _axes
+from ._stats import Centered, centered_moments, stat_dtype, update_batch_stats
+from ._types import Array, Axes, AxisName, BatchStats, DType, Moments
+
+
+def _scale_shift(x: Array, stats: Centered, scale: Array | None, bias: Array | None,
+                 epsilon: Any, dtype: DType | None) -> Array:
+  """``((x - shift) - offset) * rsqrt(var + eps) * scale + bias``, one fused pass.
+
+  Written as ``(x - shift) * a + b`` with per-statistic ``a = scale * rsqrt(var + eps)``
+  and ``b = bias - offset * a``: the only full-size work is a subtract and a
+  multiply-add, and ``x - shift`` is exact when the shift is close to the data.
+  """
+  cdtype = stat_dtype(x.dtype)
+  a = lax.rsqrt(stats.var.astype(cdtype) + jnp.asarray(epsilon, cdtype))
+  if scale is not None:
+    a = a * scale.astype(cdtype)
+  b = -stats.offset.astype(cdtype) * a
+  if bias is not None:
+    b = b + bias.astype(cdtype)
+  y = (x.astype(cdtype) - stats.shift.astype(cdtype)) * a + b
+  return y.astype(dtype or x.dtype)
+
+
+def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
+              bias: Array | None = None, *, epsilon: float = 1e-5,
+              dtype: DType | None = None) -> Array:
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with given statistics.
+
+  ``mean``, ``var``, ``scale`` and ``bias`` must broadcast against ``x`` with its
+  rank (use ``keepdims=True`` in :func:`moments`).  Computed in at least float32;
+  the result has ``dtype`` (default: the dtype of ``x``).
+
+  >>> import jax.numpy as jnp, jaxnorm as jn
+  >>> x = jnp.array([[1., 2.], [3., 6.]])
+  >>> m = jn.moments(x, axis=0, keepdims=True)
+  >>> jn.normalize(x, m.mean, m.var, epsilon=0.0)
+  Array([[-1., -1.],
+         [ 1.,  1.]], dtype=float32)
+  """
+  fn = "jaxnorm.normalize"
+  x = _axes.check_floating(x, fn=fn)
+  _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
+  all_axes = tuple(range(x.ndim))
+  p = {name: _axes.per_feature(v, name=name, x_shape=x.shape, feature_axes=all_axes, fn=fn)
+       for name, v in dict(mean=mean, var=var, scale=scale, bias=bias).items()}
+  stats = Centered(shift=p["mean"], offset=jnp.zeros((), p["mean"].dtype), var=p["var"],
+                   count=jnp.zeros((), p["mean"].dtype))
+  return _scale_shift(x, stats, p["scale"], p["bias"], epsilon, dtype)
+
+
+def _standardize(x: Array, scale, bias, *, reduction_axes: Axes, feature_axes: Axes,
+                 where, epsilon, axis_name, axis_index_groups, center: bool, dtype,
+                 fn: str) -> Array:
+  """Shared body of the feature-wise norms (layer, RMS, instance, group)."""
+  x = _axes.check_floating(x, fn=fn)
+  _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
+  red = _axes.canonical_axes(reduction_axes, x.ndim, what="reduction_axes", fn=fn)
+  feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
+  if not red:
+    raise ValueError(f"{fn}: reduction_axes must name at least one axis, got {reduction_axes!r}.")
+  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
+  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
+  where = _axes.check_mask(where, x.shape, fn=fn)
+  stats = centered_moments(x, red, where=where, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups, center=center)
+  return _scale_shift(x, stats, scale, bias, epsilon, dtype)
+
+
+_COMMON_DOC = """
+  Args (shared by the feature-wise norms):
+    scale, bias: optional; the feature shape (``x.shape`` at ``feature_axes``), or
+      any array of ``x``'s rank that broadcasts to it (per-sample FiLM/AdaLN).
+    where: optional boolean mask broadcastable to ``x``: only True elements enter
+      the statistics (all elements are normalized).  A group with no True element
+      gets mean 0 and variance 0.
+    epsilon: added to the variance.
+    axis_name, axis_index_groups: also reduce the statistics across these named
+      device axes (e.g. sequence parallelism); sums and counts are reduced, so the
+      result equals the unsplit computation.
+    dtype: output dtype (default ``x.dtype``); statistics are at least float32.
+"""
+
+
+def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *,
+               reduction_axes: Axes = -1, feature_axes: Axes = -1, where: Array | None = None,
+               epsilon: float = 1e-6, axis_name: AxisName | None = None,
+               axis_index_groups=None, dtype: DType | None = None) -> Array:
+  """Layer normalization: ``(x - E[x]) * rsqrt(Var[x] + eps) * scale + bias``.
+
+  Statistics are taken per sample over ``reduction_axes`` (default: the last
+  axis); ``scale``/``bias`` are indexed by ``feature_axes``.
+  """
+  return _standardize(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                      where=where, epsilon=epsilon, axis_name=axis_name,
+                      axis_index_groups=axis_index_groups, center=True, dtype=dtype,
+                      fn="jaxnorm.layer_norm")
+
+
+def rms_norm(x: Array, scale: Array | None = None, *, reduction_axes: Axes = -1,
+             feature_axes: Axes = -1, where: Array | None = None, epsilon: float = 1e-6,
+             axis_name: AxisName | None = None, axis_index_groups=None,
+             dtype: DType | None = None) -> Array:
+  """Root-mean-square normalization: ``x * rsqrt(E[x^2] + eps) * scale`` (no centring)."""
+  return _standardize(x, scale, None, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                      where=where, epsilon=epsilon, axis_name=axis_name,
+                      axis_index_groups=axis_index_groups, center=False, dtype=dtype,
+                      fn="jaxnorm.rms_norm")
+
+
+def instance_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *,
+                  feature_axes: Axes = -1, where: Array | None = None, epsilon: float = 1e-6,
+                  axis_name: AxisName | None = None, axis_index_groups=None,
+                  dtype: DType | None = None) -> Array:
+  """Instance normalization: layer norm over every axis except the batch axis (0)
+  and ``feature_axes`` — per sample and per channel, over the spatial axes."""
+  fn = "jaxnorm.instance_norm"
+  x = _axes.check_floating(x, fn=fn)
+  feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
+  if 0 in feat:
+    raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a feature axis "
+                     f"(got feature_axes={feature_axes!r}).")
+  red = _axes.other_axes((0,) + feat, x.ndim)
+  if not red:
+    raise ValueError(f"{fn}: an input of shape {x.shape} has no axis besides the batch axis 0 "
+                     f"and feature_axes {feat} to reduce over; instance norm needs spatial axes.")
+  return _standardize(x, scale, bias, reduction_axes=red, feature_axes=feat, where=where,
+                      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+                      center=True, dtype=dtype, fn=fn)
+
+
+def _split_channels(a: Array | None, axis: int, groups: int) -> Array | None:
+  """Reshapes axis ``axis`` of size C into (groups, C // groups); size 1 into (1, 1)."""
+  if a is None:
+    return None
+  c = a.shape[axis]
+  new = (groups, c // groups) if c != 1 else (1, 1)
+  return a.reshape(a.shape[:axis] + new + a.shape[axis + 1:])
+
+
+def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *,
+               num_groups: int | None = None, group_size: int | None = None,
+               reduction_axes: Axes | None = None, channel_axis: int = -1,
+               where: Array | None = None, epsilon: float = 1e-6,
+               axis_name: AxisName | None = None, axis_index_groups=None,
+               dtype: DType | None = None) -> Array:
+  """Group normalization: channels split into groups, each normalized over
+  ``reduction_axes`` and the channels of its group.
+
+  Give ``num_groups`` or ``group_size``.  ``reduction_axes`` default to every axis
+  except the first (batch); they must include ``channel_axis`` (default -1).  For
+  an unbatched input pass them explicitly, e.g. ``reduction_axes=(0, 1, 2)`` for
+  (H, W, C).  The channel axis is split by a reshape, not a transpose.
+  """
+  fn = "jaxnorm.group_norm"
+  x = _axes.check_floating(x, fn=fn)
+  (c_ax,) = _axes.canonical_axes(channel_axis, x.ndim, what="channel_axis", fn=fn)
+  red = (_axes.canonical_axes(reduction_axes, x.ndim, what="reduction_axes", fn=fn)
+         if reduction_axes is not None else tuple(range(1, x.ndim)))
+  if c_ax not in red:
+    raise ValueError(f"{fn}: reduction_axes {red} must include the channel axis {c_ax}: "
+                     "statistics are shared within a group of channels. Add it, or use "
+                     "instance_norm/layer_norm for other patterns.")
+  groups = _axes.check_groups(x.shape[c_ax], num_groups, group_size, fn=fn)
+  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=(c_ax,), fn=fn)
+  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=(c_ax,), fn=fn)
+  where = _axes.check_mask(where, x.shape, fn=fn)
+  shift = lambda a: a + 1 if a > c_ax else a  # axis index after the split
+  xg = _split_channels(x, c_ax, groups)
+  red_g = tuple(shift(a) for a in red if a != c_ax) + (c_ax + 1,)
+  y = _standardize(xg, _split_channels(scale, c_ax, groups), _split_channels(bias, c_ax, groups),
+                   reduction_axes=red_g, feature_axes=tuple(range(xg.ndim)),
+                   where=_split_channels(where, c_ax, groups), epsilon=epsilon,
+                   axis_name=axis_name, axis_index_groups=axis_index_groups, center=True,
+                   dtype=dtype, fn=fn)
+  return y.reshape(x.shape)
+
+
+DegeneratePolicy = Literal["running", "batch"]
+
+
+def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
+               bias: Array | None = None, *, training: bool, feature_axes: Axes = -1,
+               momentum: float = 0.99, epsilon: float = 1e-5, where: Array | None = None,
+               axis_name: AxisName | None = None, axis_index_groups=None,
+               degenerate: DegeneratePolicy = "running", unbiased_var: bool = False,
+               dtype: DType | None = None) -> tuple[Array, BatchStats]:
+  """Batch normalization with explicit running averages.
+
+  Training: ``y = (x - mean_B) * rsqrt(var_B + eps) * scale + bias`` with the
+  batch statistics over every axis except ``feature_axes`` (global across
+  ``axis_name``), and ``new_stats = momentum * stats + (1 - momentum) * batch``.
+  Evaluation: the same map with the running averages, which come back unchanged.
+  Either way the returned state has the type, shapes and dtypes of ``stats``.
+
+  Degenerate batches.  A feature whose batch statistics are unusable — fewer than
+  2 included elements (a batch of one, an all-masked batch: the variance is 0 or
+  undefined) or non-finite statistics (NaN/Inf in the batch) — is handled by
+  ``degenerate``:
+
+  * ``"running"`` (default): that feature is normalized with the running
+    averages and its running averages are left unchanged.  Nothing becomes NaN
+    that was not NaN in the input, and no bad batch enters the running averages.
+    (Compare ``new_stats`` with ``stats`` to detect it.)
+  * ``"batch"``: use the batch statistics regardless, as flax does (a single
+    element normalizes to ``bias``; an empty batch uses mean 0 and variance 0; NaN
+    propagates into the running averages).
+
+  Args:
+    x: floating input, any layout.
+    stats: ``BatchStats`` with the feature shape (``x.shape`` at ``feature_axes``).
+    scale, bias: optional per-feature arrays, or arrays of ``x``'s rank that
+      broadcast to it.
+    training: Python bool (static).  Use ``lax.cond`` to switch on a traced flag.
+    feature_axes: the axes that are *not* reduced (default -1: NHWC, (N, C),
+      (N, T, C)); e.g. 1 for NCHW.
+    momentum: Flax convention; PyTorch's ``momentum=m`` is ``1 - m`` here.
+    where: optional boolean mask broadcastable to ``x``: elements that enter the
+      statistics (e.g. ``(N, 1)`` for padded samples).
+    axis_name, axis_index_groups: reduce across devices (global-batch statistics).
+    degenerate: ``"running"`` or ``"batch"``, see above.
+    unbiased_var: update the running variance with ``n / (n - 1)`` (PyTorch).
+    dtype: output dtype (default ``x.dtype``).
+
+  Returns:
+    ``(y, new_stats)``.
+
+  >>> import jax.numpy as jnp, jaxnorm as jn
+  >>> x = jnp.array([[1., 2.], [3., 6.]])
+  >>> y, s = jn.batch_norm(x, jn.init_batch_stats(2), training=True, momentum=0.5, epsilon=0.)
+  >>> y
+  Array([[-1., -1.],
+         [ 1.,  1.]], dtype=float32)
+  >>> s
+  BatchStats(mean=Array([1., 2.], dtype=float32), var=Array([1. , 2.5], dtype=float32))
+  """
+  fn = "jaxnorm.batch_norm"
+  training = _axes.check_training(training, fn=fn)
+  x = _axes.check_floating(x, fn=fn)
+  _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
+  _axes.check_momentum(momentum, fn=fn)
+  _axes.check_choice(degenerate, ("running", "batch"), fn=fn, name="degenerate")
+  feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
+  red = _axes.other_axes(feat, x.ndim)
+  if not red:
+    raise ValueError(f"{fn}: feature_axes {feat} cover every axis of the input {x.shape}, "
+                     "leaving nothing to reduce. Batch norm needs a batch axis.")
+  stats = _axes.check_batch_stats(stats, x.shape, feat, fn=fn)
+  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
+  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
+  where = _axes.check_mask(where, x.shape, fn=fn)
+  bshape = _axes.broadcast_shape(x.shape, feat)
+  cdtype = stat_dtype(x.dtype)
+  run_mean = stats.mean.reshape(bshape).astype(cdtype)
+  run_var = stats.var.reshape(bshape).astype(cdtype)
+  if not training:
+    zero = jnp.zeros((), cdtype)
+    used = Centered(shift=run_mean, offset=zero, var=run_var, count=zero)
+    return _scale_shift(x, used, scale, bias, epsilon, dtype), stats
+
+  batch = centered_moments(x, red, where=where, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)
+  usable = None
+  if degenerate == "running":
+    usable = ((batch.count >= 2) & jnp.isfinite(batch.shift + batch.offset)
+              & jnp.isfinite(batch.var))
+    used = Centered(shift=jnp.where(usable, batch.shift, run_mean),
+                    offset=jnp.where(usable, batch.offset, 0),
+                    var=jnp.where(usable, batch.var, run_var), count=batch.count)
+  else:
+    used = batch
+  y = _scale_shift(x, used, scale, bias, epsilon, dtype)
+  fshape = _axes.feature_shape(x.shape, feat)
+  flat = lambda v: v.reshape(fshape)
+  batch_moments = Moments(mean=flat(batch.shift + batch.offset), var=flat(batch.var),
+                          count=flat(batch.count))
+  new_stats = update_batch_stats(stats, batch_moments, momentum=momentum,
+                                 where=None if usable is None else flat(usable),
+                                 unbiased_var=unbiased_var)
+  return y, new_stats

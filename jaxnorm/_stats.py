@@ -1,0 +1,204 @@
+"""Batch statistics and running averages.
+
+This is the only module that communicates across devices: every statistic in
+jaxnorm is computed by :func:`centered_moments`, which reduces *sums and counts*
+(never means of means), so the result is the statistic of the global batch, also
+when masks leave devices with unequal counts.
+
+Numerics.  The textbook one-pass formula ``E[x^2] - E[x]^2`` loses everything
+when ``|mean| >> std`` (for ``x = 1e4 + N(0, 1)`` in float32 it is off by ~1e3).
+jaxnorm uses *shifted data*: with a reference value ``k`` taken from the data
+itself (so ``|mean - k|`` is a few standard deviations at most),
+
+    d   = sum(x - k) / n             (the mean, relative to k)
+    var = sum((x - k)^2) / n - d^2   (no catastrophic cancellation)
+
+which is still a single fused pass over ``x``.  The mean is kept as the pair
+``(k, d)``: rounding ``k + d`` to float32 alone costs up to half an ulp of the
+offset (5e-4 at 1e4), so the normalisation subtracts ``k`` and ``d`` separately.
+``k`` is a constant under autodiff (``stop_gradient``); the statistics do not
+depend on it mathematically, so gradients are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _axes
+from ._types import Array, Axes, AxisName, BatchStats, Moments
+
+
+class Centered(NamedTuple):
+  """Statistics in the shifted representation used internally (keep-dims shapes).
+
+  ``mean = shift + offset``; ``var`` is centred (or the raw second moment when
+  the statistics were computed with ``center=False``, in which case shift and
+  offset are zero).
+  """
+
+  shift: Array
+  offset: Array
+  var: Array
+  count: Array
+
+
+def stat_dtype(dtype) -> Any:
+  """Statistics are computed in at least float32 (float64 stays float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _count(where: Array | None, x_shape, axes, keep_shape, dtype) -> Array:
+  """Number of included elements per statistic, without broadcasting the mask to x."""
+  if where is None:
+    return jnp.full(keep_shape, _axes.size(x_shape, axes), dtype)
+  summed = tuple(a for a in axes if where.shape[a] != 1)
+  factor = _axes.size(x_shape, [a for a in axes if where.shape[a] == 1])
+  c = jnp.sum(where, axis=summed, keepdims=True, dtype=dtype) * factor
+  return jnp.broadcast_to(c, keep_shape)
+
+
+def _reference_value(xf: Array, axes, where: Array | None, keep_shape) -> tuple[Array, Array]:
+  """A value close to the data for each statistic, and how many elements it came from.
+
+  Unmasked: the first element along the reduced axes.  Masked: the mean of the
+  included elements in the first slice along the first reduced axis (0 if none).
+  """
+  first = lax.slice_in_dim(xf, 0, 1, axis=axes[0])
+  if where is None:
+    ref = lax.slice(first, (0,) * first.ndim,
+                    tuple(1 if a in axes else d for a, d in enumerate(first.shape)))
+    return jnp.broadcast_to(ref, keep_shape), jnp.ones(keep_shape, xf.dtype)
+  w = lax.slice_in_dim(where, 0, 1, axis=axes[0]) if where.shape[axes[0]] != 1 else where
+  total = jnp.sum(jnp.where(w, first, 0), axis=axes, keepdims=True)
+  n = jnp.broadcast_to(jnp.sum(jnp.broadcast_to(w, first.shape), axis=axes, keepdims=True,
+                               dtype=xf.dtype), keep_shape)
+  return jnp.broadcast_to(total, keep_shape) / jnp.maximum(n, 1), n
+
+
+def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = None,
+                     axis_name: AxisName | None = None, axis_index_groups=None,
+                     center: bool = True) -> Centered:
+  """Mean and variance over ``axes`` (keep-dims), in the shifted representation.
+
+  ``x`` must already be validated; ``where`` has the rank of ``x``.  With
+  ``axis_name`` the sums and counts are added across those named axes: one
+  all-reduce for ``center=False``, two for ``center=True`` (a small one that
+  agrees on the shift ``k`` across devices, then one of ``[sum, sum_sq, count]``).
+  """
+  dtype = stat_dtype(x.dtype)
+  xf = x.astype(dtype)
+  keep_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+
+  def all_reduce(v):
+    if axis_name is None:
+      return v
+    return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+
+  if center:
+    ref, ref_n = _reference_value(xf, axes, where, keep_shape)
+    if axis_name is not None:  # every device must shift by the same value
+      tot, n = all_reduce(jnp.stack([ref * ref_n, ref_n]))
+      ref = tot / jnp.maximum(n, 1)
+    shift = lax.stop_gradient(ref)
+    xc = xf - shift
+  else:
+    shift = jnp.zeros(keep_shape, dtype)
+    xc = xf
+  if where is not None:
+    xc = jnp.where(where, xc, 0)
+  s1 = jnp.sum(xc, axis=axes, keepdims=True)
+  s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
+  n = _count(where, x.shape, axes, keep_shape, dtype)
+  if axis_name is not None:
+    s1, s2, n = all_reduce(jnp.stack([s1, s2, n]))
+  n_safe = jnp.where(n > 0, n, 1)  # also keeps gradients finite when n == 0
+  if center:
+    offset = s1 / n_safe
+    var = jnp.maximum(s2 / n_safe - offset * offset, 0)
+  else:
+    offset = jnp.zeros_like(s1)
+    var = s2 / n_safe
+  return Centered(shift=shift, offset=offset, var=var, count=n)
+
+
+def moments(x: Array, *, axis: Axes, where: Array | None = None,
+            axis_name: AxisName | None = None, axis_index_groups=None,
+            keepdims: bool = False) -> Moments:
+  """Mean, biased variance and element count of ``x`` over ``axis``.
+
+  Math (``m`` = mask, ``n = sum(m)``): ``mean = sum(m x) / n``,
+  ``var = sum(m (x - mean)^2) / n``, computed in one accurate pass (shifted
+  data, see module docs) in at least float32.  With ``axis_name`` (a name or a
+  tuple of names, inside ``shard_map``/``pmap``/``vmap``) the sums and counts are
+  reduced across devices, so the result is exactly the global batch's.
+
+  Args:
+    x: floating array.
+    axis: axis or axes to reduce.
+    where: optional boolean mask broadcastable to ``x``; True = included.
+    axis_name: named axis/axes to reduce across devices.
+    axis_index_groups: optional device groups for ``pmap`` (see ``lax.psum``).
+    keepdims: keep the reduced axes with size 1.
+
+  Returns:
+    ``Moments(mean, var, count)``; where ``count == 0``, mean and var are 0.
+
+  >>> import jax.numpy as jnp, jaxnorm as jn
+  >>> m = jn.moments(jnp.array([[1., 2.], [3., 6.]]), axis=0)
+  >>> m.mean, m.var, m.count
+  (Array([2., 4.], dtype=float32), Array([1., 4.], dtype=float32), Array([2., 2.], dtype=float32))
+  """
+  fn = "jaxnorm.moments"
+  x = _axes.check_floating(x, fn=fn)
+  axes = _axes.canonical_axes(axis, x.ndim, what="axis", fn=fn)
+  if not axes:
+    raise ValueError(f"{fn}: axis must name at least one axis to reduce, got {axis!r}.")
+  where = _axes.check_mask(where, x.shape, fn=fn)
+  c = centered_moments(x, axes, where=where, axis_name=axis_name,
+                       axis_index_groups=axis_index_groups)
+  out = Moments(mean=c.shift + c.offset, var=c.var, count=c.count)
+  if keepdims:
+    return out
+  return Moments(*(jnp.squeeze(v, axis=axes) for v in out))
+
+
+def update_batch_stats(stats: BatchStats, batch_moments: Moments, *, momentum: float,
+                       where: Array | None = None, unbiased_var: bool = False) -> BatchStats:
+  """Exponential moving average of batch statistics.
+
+  ``new = momentum * old + (1 - momentum) * batch`` (Flax's convention); PyTorch's
+  ``momentum=m`` is ``momentum=1 - m`` here, together with ``unbiased_var=True``
+  (the batch variance enters as ``var * n / (n - 1)``, as ``torch.nn.BatchNorm``
+  does).  Features where ``where`` is False keep their old values.  The result
+  has the dtypes of ``stats``.
+
+  >>> import jax.numpy as jnp, jaxnorm as jn
+  >>> s = jn.init_batch_stats(2)
+  >>> m = jn.moments(jnp.array([[1., 2.], [3., 6.]]), axis=0)
+  >>> jn.update_batch_stats(s, m, momentum=0.9).mean
+  Array([0.2, 0.4], dtype=float32)
+  """
+  fn = "jaxnorm.update_batch_stats"
+  _axes.check_momentum(momentum, fn=fn)
+  for name, old, new in zip(("mean", "var"), stats, batch_moments[:2]):
+    if jnp.shape(old) != jnp.shape(new):
+      raise ValueError(f"{fn}: running {name} has shape {jnp.shape(old)} but the batch {name} "
+                       f"has shape {jnp.shape(new)}. Compute the moments without keepdims, "
+                       "reducing every non-feature axis.")
+  batch_var = batch_moments.var
+  if unbiased_var:
+    n = batch_moments.count
+    batch_var = batch_var * jnp.where(n > 1, n / jnp.where(n > 1, n - 1, 1), 1)
+
+  def ema(old, new):
+    dtype = stat_dtype(old.dtype)
+    out = momentum * old.astype(dtype) + (1 - momentum) * new.astype(dtype)
+    if where is not None:
+      out = jnp.where(where, out, old.astype(dtype))
+    return out.astype(old.dtype)
+
+  return BatchStats(mean=ema(stats.mean, batch_moments.mean), var=ema(stats.var, batch_var))

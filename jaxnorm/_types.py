@@ -1,0 +1,58 @@
+"""Small state and statistics types: NamedTuple pytrees, safe under jit/vmap/scan/cond."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Axes = Union[int, Sequence[int]]
+AxisName = Union[Any, tuple]  # a hashable axis name or a tuple of names
+DType = Any
+Shape = Sequence[int]
+
+
+class Moments(NamedTuple):
+  """Batch statistics of an array, reduced over some axes.
+
+  Attributes:
+    mean: ``E[x]`` over the reduced elements, float32 or wider.  Shape: the
+      non-reduced shape (or the keep-dims shape when asked for).
+    var: biased variance ``E[(x - E[x])^2]``, never negative.  Same shape.
+    count: number of elements (after masking, summed across devices) that each
+      statistic was computed from, as a float of the same dtype and shape.
+      A count of 0 gives ``mean = var = 0``.
+  """
+
+  mean: Array
+  var: Array
+  count: Array
+
+
+class BatchStats(NamedTuple):
+  """Running averages of batch statistics, one entry per feature.
+
+  Attributes:
+    mean: exponential moving average of the batch mean; shape: feature shape;
+      dtype float32 by default, kept whatever the input dtype.
+    var: exponential moving average of the batch variance; same shape/dtype.
+  """
+
+  mean: Array
+  var: Array
+
+
+def init_batch_stats(feature_shape: int | Shape, dtype: DType = jnp.float32) -> BatchStats:
+  """Fresh running averages: ``mean = 0`` and ``var = 1`` of ``feature_shape``.
+
+  >>> import jaxnorm as jn
+  >>> jn.init_batch_stats(3)
+  BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+  """
+  shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"init_batch_stats: dtype must be a floating dtype, got {dtype}. "
+                    "Use jnp.float32 (the default) for running averages.")
+  return BatchStats(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
