@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from . import _axes
 from ._types import Array, Axes, AxisName, BatchStats, Moments
@@ -66,7 +67,26 @@ def _reference_value(xf: Array, axes, where: Array | None, keep_shape) -> tuple[
 
   Unmasked: the first element along the reduced axes.  Masked: the mean of the
   included elements in the first slice along the first reduced axis (0 if none).
+  Under ``jit`` with explicitly sharded inputs (``jax.make_mesh``'s default),
+  slicing a sharded axis is done in auto mode, where XLA broadcasts the element.
   """
+  sharding = getattr(jax.typeof(xf), "sharding", None)
+  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+  if mesh is not None and not mesh.empty and any(
+      a < len(spec) and spec[a] is not None for a in axes):
+    out_spec = P(*(None if a in axes or a >= len(spec) else spec[a] for a in range(xf.ndim)))
+
+    @jax.jit  # also traced (not dispatched op by op) when called eagerly
+    def auto(xf, where):
+      with jax.sharding.use_abstract_mesh(jax.typeof(xf).sharding.mesh):
+        return jax.sharding.auto_axes(
+            lambda xf, where: _local_reference_value(xf, axes, where, keep_shape),
+            axes=mesh.axis_names, out_sharding=(out_spec, out_spec))(xf, where)
+    return auto(xf, where)
+  return _local_reference_value(xf, axes, where, keep_shape)
+
+
+def _local_reference_value(xf, axes, where, keep_shape):
   first = lax.slice_in_dim(xf, 0, 1, axis=axes[0])
   if where is None:
     ref = lax.slice(first, (0,) * first.ndim,
@@ -96,7 +116,17 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
   def all_reduce(v):
     if axis_name is None:
       return v
-    return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+    try:
+      return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+    except NotImplementedError as e:
+      if axis_index_groups is None:
+        raise
+      raise ValueError(
+          f"axis_index_groups={axis_index_groups!r} is not supported here (JAX implements "
+          "it only under jax.pmap). Under shard_map or jit, get statistics per group of "
+          "devices from a 2-D mesh instead, e.g. jax.make_mesh((groups, per_group), "
+          "('group', 'batch')) with the batch sharded over both axes and "
+          "axis_name='batch'.") from e
 
   if center:
     ref, ref_n = _reference_value(xf, axes, where, keep_shape)
