@@ -231,7 +231,10 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
     momentum: Flax convention; PyTorch's ``momentum=m`` is ``1 - m`` here.
     where: optional boolean mask broadcastable to ``x``: elements that enter the
       statistics (e.g. ``(N, 1)`` for padded samples).
-    axis_name, axis_index_groups: reduce across devices (global-batch statistics).
+    axis_name, axis_index_groups: reduce across devices (global-batch statistics)
+      inside ``shard_map``/``pmap``/``vmap``: 2 all-reduces in training (see
+      :func:`jaxnorm.moments`), none in evaluation.  Not needed under plain ``jit``
+      with a sharded batch.  ``axis_index_groups`` works under ``pmap`` only.
     degenerate: ``"running"`` or ``"batch"``, see above.
     unbiased_var: update the running variance with ``n / (n - 1)`` (PyTorch).
     dtype: output dtype (default ``x.dtype``).

@@ -164,7 +164,10 @@ def moments(x: Array, *, axis: Axes, where: Array | None = None,
   ``var = sum(m (x - mean)^2) / n``, computed in one accurate pass (shifted
   data, see module docs) in at least float32.  With ``axis_name`` (a name or a
   tuple of names, inside ``shard_map``/``pmap``/``vmap``) the sums and counts are
-  reduced across devices, so the result is exactly the global batch's.
+  reduced across devices, so the result is exactly the global batch's, also when
+  masks leave devices with unequal or zero counts.  Collectives: 2 all-reduces
+  (2 floats per statistic to agree on the shift, then ``[sum, sum_sq, count]``);
+  under plain ``jit`` with sharded inputs no ``axis_name`` is needed.
 
   Args:
     x: floating array.
