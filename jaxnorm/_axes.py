@@ -62,14 +62,15 @@ def check_floating(x: Any, *, fn: str, name: str = "x") -> Array:
   return x
 
 
-def check_training(training: Any, *, fn: str) -> bool:
+def check_training(training: Any, *, fn: str, name: str = "training") -> bool:
+  """A static mode flag; ``name`` is how the caller spells it (e.g. ``use_running_average``)."""
   if isinstance(training, (bool, np.bool_)):
     return bool(training)
   raise TypeError(
-      f"{fn}: `training` must be a Python bool, got {type(training).__name__} "
+      f"{fn}: `{name}` must be a Python bool, got {type(training).__name__} "
       f"({training!r}). It selects different computations, so it must be known at trace "
-      "time: pass it as a static argument (jax.jit(f, static_argnames='training')), or "
-      "switch with lax.cond(flag, lambda: f(training=True), lambda: f(training=False)).")
+      f"time: pass it as a static argument (jax.jit(f, static_argnames='{name}')), or "
+      f"switch with lax.cond(flag, lambda: f({name}=True), lambda: f({name}=False)).")
 
 
 def check_nonnegative(value: Any, *, fn: str, name: str) -> None:
