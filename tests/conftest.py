@@ -16,3 +16,7 @@ def devices():
       f"expected 8 CPU devices, found {len(devs)}: JAX was initialised before "
       "tests/conftest.py could set jax_num_cpu_devices")
   return devs[:8]
+
+
+# Run as a subprocess by test_distributed.py, never imported by pytest.
+collect_ignore = ["_distributed_worker.py"]

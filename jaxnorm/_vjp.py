@@ -1,0 +1,413 @@
+"""The fast path: standardize-then-affine with an analytic backward (``jax.custom_vjp``).
+
+Every normalizer in jaxnorm computes batch statistics with
+:func:`jaxnorm._stats.centered_moments` (shift ``k``, offset ``d``, variance ``v``,
+count ``n``; the mean is ``k + d``) and then ``y = ((x - k) - d) * rstd * scale +
+bias`` with ``rstd = rsqrt(v + eps)``.  :func:`standardize` computes the same
+values (equal up to rounding) in a form XLA fuses better, and defines the
+gradient analytically instead of differentiating through the sums.  With
+``xhat = (x - mean) * rstd``, ``gs = g * scale`` and ``m`` the mask::
+
+    dx     = rstd * gs - (m / n) * rstd * (sum_R gs + xhat * sum_R(gs * xhat))
+             + (m / n) * (ct_mean + 2 * ct_var * (x - mean))
+    dscale = g * xhat summed over the axes scale is broadcast along
+    dbias  = g summed over the axes bias is broadcast along
+
+``sum_R`` runs over the statistics' axes and, with ``axis_name``, across devices:
+one ``psum`` of four small arrays (the two sums and the cotangents of the global
+mean and variance).  The backward saves only ``x``, the parameters and per-group
+statistics, and recomputes ``x - k`` inside each fused pass.  What XLA:CPU does
+with it (measured with ``python -m jaxnorm.benchmarks``):
+
+* Forward: written ``((x - k) - d) * (rstd * scale) + bias``.  ``_scale_shift``'s
+  ``(x - k) * a + (bias - d * a)`` makes ``a = rstd * scale`` (a full-size outer
+  product for layer/group norm) a shared subexpression that XLA:CPU materialises,
+  splitting the forward into four passes; this form is one fused pass.
+* Non-contiguous statistics axes (group norm on NHWC: spatial axes and the
+  channels of a group, with the groups in between) reduce several times slower
+  than contiguous ones on XLA:CPU; the statistics are taken per channel and
+  merged over the group with Chan's formulas (:func:`_moments`).
+* Backward: ``g`` and ``g * (x - mean)`` are first reduced over the axes along
+  which neither the statistics nor the parameters vary (batch norm: all reduced
+  axes; group norm: the spatial axes), so batch and group norm need two full-size
+  reductions in the backward instead of four.  Small operands reach each
+  full-size pass through their own ``optimization_barrier`` so XLA does not merge
+  the passes' common subexpressions into one materialised full-size array.
+
+The backward is written with differentiable ``jnp``/``lax`` ops, so the fast path
+is differentiable to any order in reverse mode (``grad`` of ``grad``,
+``jax.hessian``).  Forward mode applied directly to it (``jax.jvp``, ``jax.jacfwd``
+of the normalizer) is not available: that is a property of ``jax.custom_vjp``.
+``ENABLED = False`` (read at trace time) switches every caller to
+:func:`standardize_reference`, plain autodiff of ``centered_moments`` and
+``_scale_shift``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Hashable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._stats import Centered, centered_moments, stat_dtype
+from ._types import Array, AxisName, DType
+
+ENABLED = True
+"""Use the custom-VJP path (read at trace time; ``False`` selects the reference)."""
+
+
+def usable_stats(batch: Centered) -> Array:
+  """Where batch statistics can normalize: at least 2 elements and finite values."""
+  return ((batch.count >= 2) & jnp.isfinite(batch.shift + batch.offset)
+          & jnp.isfinite(batch.var))
+
+
+def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
+                bias: Array | None = None, *, where: Array | None = None,
+                epsilon: Any = 1e-6, axis_name: AxisName | None = None,
+                axis_index_groups=None, center: bool = True, dtype: DType | None = None,
+                fallback: tuple[Array, Array] | None = None
+                ) -> tuple[Array, Centered, Array | None]:
+  """``y = ((x - mean) * rsqrt(var + epsilon)) * scale + bias`` with batch statistics.
+
+  Equals ``_scale_shift(x, centered_moments(x, axes, ...), scale, bias, epsilon,
+  dtype)``, with an analytic backward.  Inputs must already be validated as the
+  public functions do: ``axes`` sorted non-negative ints; ``scale``, ``bias``,
+  ``where`` of ``x``'s rank, broadcasting to it.
+
+  Args:
+    fallback: optional running ``(mean, var)`` of the statistics' keep-dims
+      shape (batch norm's ``degenerate="running"``): where the batch statistics
+      are unusable (:func:`usable_stats`), normalize with these instead.
+
+  Returns:
+    ``(y, batch, usable)``: the output; the batch statistics (differentiable,
+    for running averages and moments); the boolean :func:`usable_stats` mask if
+    ``fallback`` was given, else None.
+  """
+  if not ENABLED:
+    return standardize_reference(x, axes, scale, bias, where=where, epsilon=epsilon,
+                                 axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                 center=center, dtype=dtype, fallback=fallback)
+  cdtype = stat_dtype(x.dtype)
+  cfg = _Config(axes=tuple(axes), axis_name=_hashable(axis_name),
+                axis_index_groups=_hashable(axis_index_groups), center=bool(center),
+                out_dtype=jnp.dtype(dtype or x.dtype), fallback=fallback is not None)
+  rm, rv = (None, None) if fallback is None else (jnp.asarray(fallback[0], cdtype),
+                                                  jnp.asarray(fallback[1], cdtype))
+  eps = jnp.asarray(epsilon, cdtype)
+  y, shift, offset, var, count, usable = _standardize(cfg, x, scale, bias, where, rm, rv, eps)
+  return y, Centered(shift=shift, offset=offset, var=var, count=count), usable
+
+
+def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None = None,
+                          bias: Array | None = None, *, where: Array | None = None,
+                          epsilon: Any = 1e-6, axis_name: AxisName | None = None,
+                          axis_index_groups=None, center: bool = True,
+                          dtype: DType | None = None,
+                          fallback: tuple[Array, Array] | None = None
+                          ) -> tuple[Array, Centered, Array | None]:
+  """:func:`standardize` by plain autodiff of ``centered_moments`` + ``_scale_shift``."""
+  from ._norms import _scale_shift  # _norms imports this module
+  batch = centered_moments(x, axes, where=where, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups, center=center)
+  usable, used = None, batch
+  if fallback is not None:
+    cdtype = stat_dtype(x.dtype)
+    rm, rv = (jnp.asarray(v, cdtype) for v in fallback)
+    usable = usable_stats(batch)
+    used = Centered(shift=jnp.where(usable, batch.shift, rm),
+                    offset=jnp.where(usable, batch.offset, 0),
+                    var=jnp.where(usable, batch.var, rv), count=batch.count)
+  return _scale_shift(x, used, scale, bias, epsilon, dtype), batch, usable
+
+
+# --------------------------------------------------------------------------- implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The static part of a call (hashable: a non-differentiable custom_vjp argument)."""
+
+  axes: tuple[int, ...]
+  axis_name: Hashable
+  axis_index_groups: Hashable
+  center: bool
+  out_dtype: Any
+  fallback: bool
+
+
+def _hashable(v):
+  if isinstance(v, list):
+    return tuple(_hashable(a) for a in v)
+  return v
+
+
+def _psum(cfg: _Config, v: Array) -> Array:
+  if cfg.axis_name is None:
+    return v
+  return lax.psum(v, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+
+
+def _psum_transpose(cfg: _Config, ct: Array, like: Array) -> Array:
+  """The cotangent of ``psum(like)`` pulled back to ``like`` (as autodiff does it).
+
+  Under ``vmap``/``pmap`` every device holds its own cotangent of the reduced
+  value: they are summed.  Under ``shard_map`` (manual axes typed) the reduced
+  value is replicated and so is its cotangent: it passes through unchanged, and
+  only axes it still varies over are summed.
+  """
+  names = set(cfg.axis_name) if isinstance(cfg.axis_name, tuple) else {cfg.axis_name}
+  if not (_vma(like) & names):  # untyped (vmap, pmap): the transpose of psum is psum
+    return _psum(cfg, ct)
+  varying = tuple(n for n in _vma(ct) if n in names)
+  return lax.psum(ct, varying) if varying else ct
+
+
+def _fresh(*small: Array | None):
+  """The same small arrays, opaque to XLA: a full-size expression built from them is
+  not a common subexpression of one built from the originals, so each full-size
+  pass fuses its own ``x - shift`` instead of sharing one materialised array."""
+  present = [a for a in small if a is not None]
+  out = iter(lax.optimization_barrier(tuple(present)) if present else ())
+  return tuple(None if a is None else next(out) for a in small)
+
+
+def _sum_to(v: Array, shape: tuple[int, ...]) -> Array:
+  """Sums ``v`` down to ``shape`` (the shape it was broadcast from)."""
+  lead = v.ndim - len(shape)  # a parameter of lower rank broadcasts from the right
+  if lead:
+    v = jnp.sum(v, axis=tuple(range(lead)))
+  axes = tuple(a for a, (s, t) in enumerate(zip(shape, v.shape)) if s == 1 and t != 1)
+  return jnp.sum(v, axis=axes, keepdims=True) if axes else v
+
+
+def _split_axes(axes: tuple[int, ...], ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(outer, inner)`` when the reduced axes are not contiguous but end with the
+  minor axis (group norm on (N, H, W, G, C/G): ``((1, 2), (4,))``), else ``(axes, ())``."""
+  inner = []
+  for a in range(ndim - 1, -1, -1):
+    if a not in axes:
+      break
+    inner.insert(0, a)
+  outer = tuple(a for a in axes if a not in inner)
+  if not inner or not outer or max(outer) + 1 == min(inner):
+    return tuple(axes), ()
+  return outer, tuple(inner)
+
+
+def _moments(cfg: _Config, x, where) -> tuple[Centered, Array]:
+  """``centered_moments`` over ``cfg.axes``, in two stages when they are not contiguous.
+
+  XLA:CPU reduces over non-contiguous axes (group norm's spatial axes and the
+  channels of a group, with the groups in between) several times slower than
+  over contiguous ones.  Then the statistics are taken per channel (over the
+  outer axes, one shift per channel) and merged over the inner axes with Chan's
+  formulas: with counts n_c, channel means m_c (relative to a common shift K near
+  the data) and variances v_c, ``mean = sum n_c m_c / n`` and
+  ``var = sum n_c (v_c + (m_c - mean)^2) / n``.  Exact in exact arithmetic and as
+  accurate as one stage (every difference is between values near the data).
+
+  Also returns the finest shift (per channel when split), which the backward
+  uses to centre ``x`` in its per-channel reductions.
+  """
+  outer, inner = _split_axes(cfg.axes, x.ndim)
+  per = centered_moments(x, outer, where=where, axis_name=cfg.axis_name,
+                         axis_index_groups=cfg.axis_index_groups, center=cfg.center)
+  if not inner:
+    return per, per.shift
+  total = lambda v: jnp.sum(v, axis=inner, keepdims=True)
+  n = total(per.count)
+  n_safe = jnp.where(n > 0, n, 1)
+  w = per.count / n_safe
+  if not cfg.center:
+    zero = jnp.zeros_like(n)
+    return Centered(shift=zero, offset=zero, var=total(w * per.var), count=n), per.shift
+  shift = lax.stop_gradient(total(w * per.shift))
+  m_c = (per.shift - shift) + per.offset
+  offset = total(w * m_c)
+  var = jnp.maximum(total(w * (per.var + jnp.square(m_c - offset))), 0)
+  return Centered(shift=shift, offset=offset, var=var, count=n), per.shift
+
+
+def _statistics(cfg: _Config, x, where, rm, rv, eps):
+  batch, fine_shift = _moments(cfg, x, where)
+  k, d, v, n = batch
+  usable = None
+  if cfg.fallback:
+    usable = usable_stats(batch)
+    k_u, d_u, v_u = jnp.where(usable, k, rm), jnp.where(usable, d, 0), jnp.where(usable, v, rv)
+  else:
+    k_u, d_u, v_u = k, d, v
+  rstd_u = lax.rsqrt(v_u + eps)
+  return batch, usable, fine_shift, (k_u, d_u, rstd_u)
+
+
+def _affine(cfg: _Config, x, scale, bias, k_u, d_u, rstd_u):
+  """``((x - k) - d) * (rstd * scale) + bias``.
+
+  ``_scale_shift`` writes this as ``(x - k) * a + (bias - d * a)``; for layer and
+  group norm ``a = rstd * scale`` is then a full-size outer product used twice,
+  which XLA:CPU materialises and which splits the forward into four passes.  In
+  this form XLA:CPU fuses statistics and output into one pass (same accuracy:
+  ``x - k`` is exact when ``k`` is near the data, then one rounding per op).
+  """
+  cdtype = stat_dtype(x.dtype)
+  a = rstd_u if scale is None else rstd_u * scale.astype(cdtype)
+  y = ((x.astype(cdtype) - k_u) - d_u) * a
+  if bias is not None:
+    y = y + bias.astype(cdtype)
+  return y.astype(cfg.out_dtype)
+
+
+def _outputs(cfg, x, scale, bias, where, rm, rv, eps):
+  batch, usable, fine_shift, (k_u, d_u, rstd_u) = _statistics(cfg, x, where, rm, rv, eps)
+  y = _affine(cfg, x, scale, bias, k_u, d_u, rstd_u)
+  return (y, *batch, usable), (batch, usable, fine_shift, k_u, d_u, rstd_u)
+
+
+def _primal(cfg, x, scale, bias, where, rm, rv, eps):
+  return _outputs(cfg, x, scale, bias, where, rm, rv, eps)[0]
+
+
+def _fwd(cfg, x, scale, bias, where, rm, rv, eps):
+  out, (batch, usable, fine_shift, k_u, d_u, rstd_u) = _outputs(cfg, x, scale, bias, where,
+                                                                rm, rv, eps)
+  residuals = (x, scale, bias, where, rm, rv, eps, batch.shift, batch.offset, batch.count,
+               usable, fine_shift, k_u, d_u, rstd_u)
+  return out, residuals
+
+
+def _bwd(cfg, residuals, cts):
+  (x, scale, bias, where, rm, rv, eps, k, d, n, usable, kf, k_u, d_u, rstd_u) = residuals
+  g, _, ct_d, ct_v, _, _ = cts  # shift: constant (stop_gradient); count, usable: discrete
+  cdtype = stat_dtype(x.dtype)
+  s = None if scale is None else scale.astype(cdtype)
+
+  xf = x.astype(cdtype)
+  gf = g.astype(cdtype)
+
+  def flat(p, ax):  # p does not vary along axis ax of x
+    ax -= x.ndim - (0 if p is None else p.ndim)
+    return p is None or ax < 0 or p.shape[ax] == 1
+
+  def centred(k_, d_):  # x - mean, fused into whichever pass uses it
+    return (xf - k_) - d_ if cfg.center else xf
+
+  def reduce(v, axes):
+    return jnp.sum(v, axis=axes, keepdims=True) if axes else v
+
+  # q: reduced axes along which neither the statistics nor scale/bias vary.  Reduce
+  # g and g * (x - mean) over them first (batch/group norm: two full-size passes).
+  q = tuple(ax for ax in cfg.axes if flat(scale, ax) and flat(bias, ax))
+  rest = tuple(ax for ax in cfg.axes if ax not in q)
+  # t2 = sum_q(g * (x - k - d)), centred on the finest shift kf (constant along q:
+  # per channel for group norm, faster to reduce) and corrected by (kf - k - d) * t1.
+  t1 = reduce(gf, q)
+  if any(kf.shape[a] != 1 for a in q):  # the finest shift must be constant along q
+    kf = k
+  if not cfg.center:
+    t2 = reduce(gf * xf, q)
+  elif q:
+    (kfq,) = _fresh(kf)
+    t2 = reduce(gf * (xf - kfq), q) + ((kf - k) - d) * t1
+  else:
+    kq, dq = _fresh(k, d)
+    t2 = gf * centred(kq, dq)
+  # a1 = sum_R(g * scale), a2 = sum_R(g * scale * (x - mean)), on this device.
+  if s is None:
+    a1, a2 = reduce(t1, rest), reduce(t2, rest)
+  else:
+    (s1,) = _fresh(s)
+    a1, a2 = reduce(t1 * s1, rest), reduce(t2 * s, rest)
+  # ... and over every device holding part of the group (one all-reduce).  The
+  # cotangents of the global statistics go back through the transpose of that
+  # all-reduce: a sum of per-device cotangents under vmap/pmap, the (replicated)
+  # cotangent itself under shard_map.
+  ct_v = ct_v.astype(cdtype)
+  ct_d = ct_d.astype(cdtype) if cfg.center else None
+  if cfg.axis_name is None:
+    a1g, a2g, ct_dg, ct_vg = a1, a2, ct_d, ct_v
+  elif cfg.center:
+    local = jnp.stack([a1, a2])
+    a1g, a2g = _psum(cfg, local)
+    ct_dg, ct_vg = _psum_transpose(cfg, jnp.stack(jnp.broadcast_arrays(ct_d, ct_v)), local)
+  else:
+    a1g, ct_dg = None, None
+    a2g = _psum(cfg, a2)
+    ct_vg = _psum_transpose(cfg, jnp.broadcast_to(ct_v, a2.shape), a2)
+
+  # dx = rstd * g * scale + (m / n) * (c0 + c1 * (x - mean)).
+  c1 = -(rstd_u * rstd_u * rstd_u) * a2g
+  c0 = -rstd_u * a1g if cfg.center else None
+  if usable is not None:  # fallback features: no gradient through the batch statistics
+    c1 = jnp.where(usable, c1, 0)
+    c0 = None if c0 is None else jnp.where(usable, c0, 0)
+  c1 = c1 + 2 * ct_vg
+  if cfg.center:
+    c0 = c0 + ct_dg
+  inv_n = 1 / jnp.where(n > 0, n, 1)
+  kx, dx_, c0x, c1x, inv_nx, rstdx, sx = _fresh(k, d, c0, c1, inv_n, rstd_u, s)
+  direct = gf * rstdx if s is None else gf * (sx * rstdx)
+  corr = (c0x + c1x * centred(kx, dx_)) if cfg.center else c1x * xf
+  corr = corr * inv_nx
+  if where is not None:
+    corr = jnp.where(where, corr, 0)
+  dx = (direct + corr).astype(x.dtype)
+
+  # Parameter gradients; delta moves the centring from the batch mean to the used one.
+  delta = None if usable is None else jnp.where(usable, 0, (k - k_u) + (d - d_u))
+  dscale = dbias = None
+  if scale is not None:
+    if q:
+      t2u = t2 if delta is None else t2 + delta * t1
+      dscale = _sum_to(t2u * rstd_u, scale.shape)
+    else:
+      kb, db, rb = _fresh(k_u, d_u, rstd_u)
+      dscale = _sum_to(gf * (((xf - kb) - db) * rb if cfg.center else xf * rb), scale.shape)
+    dscale = dscale.astype(scale.dtype)
+  if bias is not None:
+    dbias = _sum_to(t1, bias.shape).astype(bias.dtype)
+
+  # Epsilon and the fallback statistics (per group, this device's sums).
+  a2u = a2 if delta is None else a2 + delta * a1
+  rstd3 = rstd_u * rstd_u * rstd_u
+  d_eps = jnp.sum(-0.5 * rstd3 * a2u).astype(eps.dtype)
+  d_rm = d_rv = None
+  if usable is not None:
+    d_rm = jnp.where(usable, 0, -rstd_u * a1).astype(rm.dtype)
+    d_rv = jnp.where(usable, 0, -0.5 * rstd3 * a2u).astype(rv.dtype)
+  cts_in = (dx, dscale, dbias, None, d_rm, d_rv, d_eps)
+  primals = (x, scale, bias, where, rm, rv, eps)
+  return tuple(_match_vma(ct, p) for ct, p in zip(cts_in, primals))
+
+
+def _vma(a) -> frozenset:
+  """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty elsewhere)."""
+  aval = jax.typeof(a)
+  mat = getattr(aval, "mat", None)  # jax >= 0.10: ManualAxisType
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", None) or ())  # older jax
+
+
+def _match_vma(ct, primal):
+  """Under ``shard_map`` a cotangent computed from per-device data varies over the
+  manual axes; the cotangent of an input replicated over some of them (scale,
+  bias, epsilon) is the sum over those devices, as autodiff's transpose of the
+  implicit broadcast gives."""
+  if ct is None or primal is None:
+    return ct
+  extra = tuple(_vma(ct) - _vma(primal))
+  return lax.psum(ct, extra) if extra else ct
+
+
+_standardize_vjp = jax.custom_vjp(_primal, nondiff_argnums=(0,))
+_standardize_vjp.defvjp(_fwd, _bwd)
+
+
+def _standardize(cfg, x, scale, bias, where, rm, rv, eps):
+  return _standardize_vjp(cfg, x, scale, bias, where, rm, rv, eps)

@@ -1,0 +1,801 @@
+"""Benchmarks: jaxnorm against the memory floor, flax.linen, flax.nnx and torch.
+
+Run ``python -m jaxnorm.benchmarks`` (a few minutes), ``--quick`` (under a
+minute, smaller shapes, ratios indicative only), ``--cases REGEX`` to select
+cases, ``--markdown`` for the README, ``--glibc-tuned`` to re-run the process with
+glibc's malloc keeping freed memory (see below), ``--help`` for the rest.
+
+How a case is judged.  Normalization is memory-bound, so each case is timed
+against a *floor*: a jitted ``x * 2 + 1`` on the same input, which reads it once
+and writes one array of the same size.  All competitors of a case run
+interleaved, round by round, in a freshly shuffled order each round, after a
+warm-up that is not timed; the table gives the median over the rounds, and
+ratios of medians measured in the same run (absolute times on a shared machine
+drift by 2-4x within minutes; ratios within one run do not).  For the JAX
+competitors it also gives XLA's deterministic figures: ``cost_analysis()`` bytes
+accessed and ``memory_analysis()`` temporary bytes of the compiled executable.
+
+Forward+backward ("fwd+bwd") is ``jax.grad`` of ``sum(y * g)`` with respect to
+``x``, ``scale`` and ``bias`` (torch: ``torch.autograd.grad(y, (x, w, b), g)``).
+
+Allocation.  XLA:CPU and torch allocate their outputs and temporaries on every
+call; glibc returns blocks of 32 MiB or more to the OS on ``free``, so each call
+page-faults them in again, which can cost more than the arithmetic.  With
+``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736``
+(which must be set before the process starts; ``--glibc-tuned`` re-executes the
+harness with it) the timings show compute and memory traffic alone.  Run both:
+the first is what users get, the second what the code does.
+
+Paths of jaxnorm: ``jaxnorm`` is the public functions as they are;
+``--fast-path`` adds ``jaxnorm._vjp`` (the custom-VJP fast path called
+directly, for measuring it before the public functions use it) and
+``--reference`` adds ``jaxnorm-ref`` (the public functions traced with
+``jaxnorm._vjp.ENABLED = False``: plain autodiff).
+
+The harness runs unchanged on a GPU (the floor is then device memory bandwidth;
+torch stays on the CPU and is left out there unless ``--torch-on-cpu``).
+Heavy imports (flax, torch) happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+GLIBC_TUNED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+               "glibc.malloc.trim_threshold=68719476736")
+
+COMPETITORS = ("floor", "jaxnorm", "flax.linen", "flax.nnx", "torch")
+FAST = "jaxnorm._vjp"  # the custom-VJP fast path called directly (--fast-path)
+REF = "jaxnorm-ref"    # the plain reference path (--reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmark: a normalizer, a shape, a dtype, forward or forward+backward."""
+
+  name: str                       # selector, e.g. "layer_norm/fwd+bwd/bf16"
+  norm: str                       # batch_norm_{train,eval}, layer_norm, rms_norm, group_norm
+  shape: tuple[int, ...]          # full size (the issue's table)
+  quick_shape: tuple[int, ...]    # --quick
+  tiny_shape: tuple[int, ...]     # --tiny (tests)
+  dtype: str = "float32"
+  grad: bool = False
+  target: float | None = None     # jaxnorm's target ratio to the floor (issue 5)
+
+  def shape_for(self, size: str) -> tuple[int, ...]:
+    return {"full": self.shape, "quick": self.quick_shape, "tiny": self.tiny_shape}[size]
+
+  @property
+  def has_bias(self) -> bool:
+    return self.norm != "rms_norm"
+
+
+NHWC, NHWC_Q, NHWC_T = (64, 32, 32, 64), (8, 32, 32, 64), (2, 4, 4, 8)
+NC, NC_Q, NC_T = (4096, 1024), (512, 1024), (16, 32)
+TOK, TOK_Q, TOK_T = (8192, 1024), (1024, 1024), (16, 32)
+GN, GN_Q, GN_T = (32, 32, 32, 128), (4, 32, 32, 128), (2, 4, 4, 64)
+
+CASES = (
+    Case("batch_norm/train/fwd/nhwc", "batch_norm_train", NHWC, NHWC_Q, NHWC_T, target=1.5),
+    Case("batch_norm/train/fwd+bwd/nhwc", "batch_norm_train", NHWC, NHWC_Q, NHWC_T, grad=True,
+         target=2.5),
+    Case("batch_norm/train/fwd/nc", "batch_norm_train", NC, NC_Q, NC_T),
+    Case("batch_norm/train/fwd+bwd/nc", "batch_norm_train", NC, NC_Q, NC_T, grad=True,
+         target=2.5),
+    Case("batch_norm/eval/fwd/nhwc", "batch_norm_eval", NHWC, NHWC_Q, NHWC_T, target=1.0),
+    Case("layer_norm/fwd", "layer_norm", TOK, TOK_Q, TOK_T, target=1.2),
+    Case("layer_norm/fwd+bwd", "layer_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8),
+    Case("layer_norm/fwd/bf16", "layer_norm", TOK, TOK_Q, TOK_T, dtype="bfloat16"),
+    Case("layer_norm/fwd+bwd/bf16", "layer_norm", TOK, TOK_Q, TOK_T, dtype="bfloat16",
+         grad=True, target=2.5),
+    Case("rms_norm/fwd", "rms_norm", TOK, TOK_Q, TOK_T),
+    Case("rms_norm/fwd+bwd", "rms_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8),
+    Case("group_norm/fwd/nhwc", "group_norm", GN, GN_Q, GN_T, target=1.3),
+    Case("group_norm/fwd+bwd/nhwc", "group_norm", GN, GN_Q, GN_T, grad=True, target=2.5),
+)
+
+BN_EPS, EPS, GROUPS, MOMENTUM = 1e-5, 1e-6, 32, 0.99
+
+
+class Unavailable(Exception):
+  """A competitor that cannot run here (not installed, unsupported); it is skipped."""
+
+
+@dataclasses.dataclass
+class Inputs:
+  """The numbers every competitor of a case gets (float32 NumPy; cast per framework)."""
+
+  x: np.ndarray
+  scale: np.ndarray
+  bias: np.ndarray
+  g: np.ndarray
+  run_mean: np.ndarray
+  run_var: np.ndarray
+  dtype: str
+
+  @staticmethod
+  def make(case: Case, shape: tuple[int, ...], seed: int) -> "Inputs":
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    f32 = np.float32
+    return Inputs(
+        x=(rng.standard_normal(shape) * 2 + 0.5).astype(f32),
+        scale=(1 + 0.1 * rng.standard_normal(c)).astype(f32),
+        bias=(0.1 * rng.standard_normal(c)).astype(f32),
+        g=rng.standard_normal(shape).astype(f32),
+        run_mean=(0.1 * rng.standard_normal(c)).astype(f32),
+        run_var=(1 + rng.uniform(size=c)).astype(f32),
+        dtype=case.dtype)
+
+
+@dataclasses.dataclass
+class Runner:
+  """A ready-to-time competitor: ``call()`` runs once and returns when the result is ready."""
+
+  name: str
+  call: Callable[[], Any]
+  outputs: Callable[[], list[np.ndarray]]  # y (fwd) or [dx, dscale, dbias] (fwd+bwd)
+  compiled: Any = None                     # jax.stages.Compiled, for XLA's figures
+
+
+@dataclasses.dataclass
+class Result:
+  case: Case
+  shape: tuple[int, ...]
+  times: dict[str, list[float]]            # seconds per call, per competitor
+  skipped: dict[str, str]                  # competitor -> reason
+  xla: dict[str, tuple[float | None, float | None]]  # competitor -> (bytes accessed, temp bytes)
+  agree: dict[str, str]                    # competitor -> "ok" or the mismatch
+
+  def median(self, name: str) -> float | None:
+    t = self.times.get(name)
+    return statistics.median(t) if t else None
+
+  def ratio(self, name: str, other: str) -> float | None:
+    a, b = self.median(name), self.median(other)
+    return None if a is None or b is None else a / b
+
+  def spread(self, name: str) -> float | None:
+    """Interquartile range over median: how noisy this competitor was."""
+    t = self.times.get(name)
+    if not t or len(t) < 4:
+      return None
+    q = statistics.quantiles(t, n=4)
+    return (q[2] - q[0]) / statistics.median(t)
+
+
+# --------------------------------------------------------------------------- JAX competitors
+
+
+def _jax_dtype(name: str):
+  import jax.numpy as jnp
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _jax_runner(name: str, case: Case, inputs: Inputs, apply: Callable, params: Any,
+                state: Any, grads_of: Callable[[Any, Any], list]) -> Runner:
+  """Jits ``apply(x, params, state) -> (y, new_state)`` as the case asks and compiles it.
+
+  Forward: returns ``(y, new_state)`` (the running-average update is part of a
+  batch-norm training step).  Forward+backward: ``jax.grad`` of ``sum(y * g)``
+  with respect to ``x`` and ``params``.  ``grads_of(dx, dparams)`` orders the
+  gradients as ``[dx, dscale, dbias]`` for the cross-check.
+  """
+  import jax
+  import jax.numpy as jnp
+  dtype = _jax_dtype(inputs.dtype)
+  x = jnp.asarray(inputs.x, dtype)
+  g = jnp.asarray(inputs.g, dtype)
+  if case.grad:
+    def fn(x, params, state, g):
+      loss = lambda x, params: jnp.sum(apply(x, params, state)[0] * g)
+      return jax.grad(loss, argnums=(0, 1))(x, params)
+    args = (x, params, state, g)
+  else:
+    fn = apply
+    args = (x, params, state)
+  compiled = jax.jit(fn).lower(*args).compile()
+
+  def call():
+    return jax.block_until_ready(compiled(*args))
+
+  def outputs():
+    out = compiled(*args)
+    arrs = grads_of(*out) if case.grad else [out[0]]
+    return [np.asarray(jnp.asarray(a, jnp.float32)) for a in arrs]
+
+  return Runner(name, call, outputs, compiled)
+
+
+def build_floor(case: Case, inputs: Inputs) -> Runner:
+  import jax
+  import jax.numpy as jnp
+  x = jnp.asarray(inputs.x, _jax_dtype(inputs.dtype))
+  compiled = jax.jit(lambda x: x * 2 + 1).lower(x).compile()
+  return Runner("floor", lambda: jax.block_until_ready(compiled(x)), lambda: [], compiled)
+
+
+def _params(inputs: Inputs, case: Case) -> dict:
+  import jax.numpy as jnp
+  p = {"scale": jnp.asarray(inputs.scale)}
+  if case.has_bias:
+    p["bias"] = jnp.asarray(inputs.bias)
+  return p
+
+
+def _dict_grads(case: Case):
+  def grads_of(dx, dp):
+    return [dx, dp["scale"]] + ([dp["bias"]] if case.has_bias else [])
+  return grads_of
+
+
+def _jaxnorm_apply(case: Case, x_ndim: int, *, fast: bool = False, reference: bool = False):
+  """``apply(x, params, state)`` through jaxnorm's public functions.
+
+  ``fast``: the custom-VJP path of :mod:`jaxnorm._vjp` called directly (for
+  measuring it before it is wired into the public functions).
+  ``reference``: the plain autodiff path (``_vjp`` switched off while tracing), to
+  compare against once it is wired in.
+  """
+  import jaxnorm as jn
+  if fast:
+    return _fast_apply(case, x_ndim)
+  norm = case.norm
+
+  def apply(x, p, state):
+    with _reference_mode(reference):
+      if norm == "batch_norm_train":
+        return jn.batch_norm(x, state, p["scale"], p["bias"], training=True, momentum=MOMENTUM,
+                             epsilon=BN_EPS)
+      if norm == "batch_norm_eval":
+        return jn.batch_norm(x, state, p["scale"], p["bias"], training=False, epsilon=BN_EPS)
+      if norm == "layer_norm":
+        return jn.layer_norm(x, p["scale"], p["bias"], epsilon=EPS), state
+      if norm == "rms_norm":
+        return jn.rms_norm(x, p["scale"], epsilon=EPS), state
+      if norm == "group_norm":
+        return jn.group_norm(x, p["scale"], p["bias"], num_groups=GROUPS, epsilon=EPS), state
+    raise ValueError(norm)
+  return apply
+
+
+class _reference_mode:
+  """Switches :mod:`jaxnorm._vjp` off while tracing (``jaxnorm._vjp.ENABLED``)."""
+
+  def __init__(self, on: bool):
+    self.on = on
+
+  def __enter__(self):
+    if self.on:
+      from . import _vjp
+      self.saved, _vjp.ENABLED = _vjp.ENABLED, False
+
+  def __exit__(self, *exc):
+    if self.on:
+      from . import _vjp
+      _vjp.ENABLED = self.saved
+
+
+def _fast_apply(case: Case, x_ndim: int):
+  """The fast path called directly, with the axes the public functions would use."""
+  import jax.numpy as jnp
+
+  from . import _vjp
+  from ._types import BatchStats
+  norm = case.norm
+  feat = (x_ndim - 1,)
+
+  def per_feature(v, shape):
+    return None if v is None else v.reshape((1,) * (len(shape) - 1) + (shape[-1],))
+
+  def apply(x, p, state):
+    scale = per_feature(p.get("scale"), x.shape)
+    bias = per_feature(p.get("bias"), x.shape)
+    if norm == "batch_norm_train":
+      red = tuple(a for a in range(x.ndim) if a not in feat)
+      rm = state.mean.reshape(scale.shape)
+      rv = state.var.reshape(scale.shape)
+      y, batch, usable = _vjp.standardize(x, red, scale, bias, epsilon=BN_EPS,
+                                          fallback=(rm, rv))
+      mean = (batch.shift + batch.offset).reshape(state.mean.shape)
+      var = batch.var.reshape(state.var.shape)
+      u = usable.reshape(state.mean.shape)
+      ema = lambda old, new: jnp.where(u, MOMENTUM * old + (1 - MOMENTUM) * new, old)
+      return y, BatchStats(ema(state.mean, mean), ema(state.var, var))
+    if norm in ("layer_norm", "rms_norm"):
+      y, _, _ = _vjp.standardize(x, (x.ndim - 1,), scale, bias, epsilon=EPS,
+                                 center=norm == "layer_norm")
+      return y, state
+    if norm == "group_norm":
+      c = x.shape[-1]
+      xg = x.reshape(x.shape[:-1] + (GROUPS, c // GROUPS))
+      split = lambda v: v.reshape(v.shape[:-1] + (GROUPS, c // GROUPS))
+      red = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+      y, _, _ = _vjp.standardize(xg, red, split(scale), split(bias), epsilon=EPS)
+      return y.reshape(x.shape), state
+    # Evaluation uses no batch statistics: the public path is the fast path.
+    return _jaxnorm_apply(case, x_ndim)(x, p, state)
+  return apply
+
+
+def build_jaxnorm(case: Case, inputs: Inputs, *, fast: bool = False,
+                  reference: bool = False) -> Runner:
+  import jax.numpy as jnp
+
+  import jaxnorm as jn
+  state = None
+  if case.norm.startswith("batch_norm"):
+    state = jn.BatchStats(mean=jnp.asarray(inputs.run_mean), var=jnp.asarray(inputs.run_var))
+  name = FAST if fast else REF if reference else "jaxnorm"
+  apply = _jaxnorm_apply(case, inputs.x.ndim, fast=fast, reference=reference)
+  return _jax_runner(name, case, inputs, apply, _params(inputs, case), state,
+                     _dict_grads(case))
+
+
+def build_linen(case: Case, inputs: Inputs) -> Runner:
+  import jax
+  import jax.numpy as jnp
+  try:
+    import flax.linen as nn
+  except ImportError as e:
+    raise Unavailable(f"flax is not installed ({e})") from None
+  dtype = _jax_dtype(inputs.dtype)
+  norm = case.norm
+  if norm.startswith("batch_norm"):
+    module = nn.BatchNorm(use_running_average=norm == "batch_norm_eval", momentum=MOMENTUM,
+                          epsilon=BN_EPS, dtype=dtype)
+  elif norm == "layer_norm":
+    module = nn.LayerNorm(epsilon=EPS, dtype=dtype)
+  elif norm == "rms_norm":
+    module = nn.RMSNorm(epsilon=EPS, dtype=dtype)
+  elif norm == "group_norm":
+    module = nn.GroupNorm(num_groups=GROUPS, epsilon=EPS, dtype=dtype)
+  else:
+    raise ValueError(norm)
+  state = None
+  if norm.startswith("batch_norm"):
+    state = {"mean": jnp.asarray(inputs.run_mean), "var": jnp.asarray(inputs.run_var)}
+
+  def apply(x, p, state):
+    if norm == "batch_norm_train":
+      y, upd = module.apply({"params": p, "batch_stats": state}, x, mutable=["batch_stats"])
+      return y, upd["batch_stats"]
+    if norm == "batch_norm_eval":
+      return module.apply({"params": p, "batch_stats": state}, x), state
+    return module.apply({"params": p}, x), state
+
+  variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1,) * (inputs.x.ndim - 1)
+                                                                      + inputs.x.shape[-1:]))
+  if set(variables["params"]) != set(_params(inputs, case)):
+    raise Unavailable(f"unexpected flax.linen params {sorted(variables['params'])}")
+  return _jax_runner("flax.linen", case, inputs, apply, _params(inputs, case), state,
+                     _dict_grads(case))
+
+
+def build_nnx(case: Case, inputs: Inputs) -> Runner:
+  import jax
+  import jax.numpy as jnp
+  try:
+    from flax import nnx
+  except ImportError as e:
+    raise Unavailable(f"flax is not installed ({e})") from None
+  dtype = _jax_dtype(inputs.dtype)
+  norm, c = case.norm, inputs.x.shape[-1]
+  rngs = nnx.Rngs(0)
+  if norm.startswith("batch_norm"):
+    model = nnx.BatchNorm(c, use_running_average=norm == "batch_norm_eval", momentum=MOMENTUM,
+                          epsilon=BN_EPS, dtype=dtype, rngs=rngs)
+    model.mean[...] = jnp.asarray(inputs.run_mean)
+    model.var[...] = jnp.asarray(inputs.run_var)
+  elif norm == "layer_norm":
+    model = nnx.LayerNorm(c, epsilon=EPS, dtype=dtype, rngs=rngs)
+  elif norm == "rms_norm":
+    model = nnx.RMSNorm(c, epsilon=EPS, dtype=dtype, rngs=rngs)
+  elif norm == "group_norm":
+    model = nnx.GroupNorm(c, num_groups=GROUPS, epsilon=EPS, dtype=dtype, rngs=rngs)
+  else:
+    raise ValueError(norm)
+  model.scale[...] = jnp.asarray(inputs.scale)
+  if case.has_bias:
+    model.bias[...] = jnp.asarray(inputs.bias)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def apply(x, p, st):
+    # Fresh Variables at the current trace level (nnx refuses to mutate a
+    # BatchStat created under an outer trace, e.g. jit around grad).
+    p, st = jax.tree.map(lambda a: a, (p, st))
+    m = nnx.merge(graphdef, p, st)
+    y = m(x)
+    return y, nnx.split(m, nnx.Param, ...)[2]
+
+  def grads_of(dx, dp):
+    d = nnx.to_pure_dict(dp)
+    return [dx, d["scale"]] + ([d["bias"]] if case.has_bias else [])
+
+  return _jax_runner("flax.nnx", case, inputs, apply, params, rest, grads_of)
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def build_torch(case: Case, inputs: Inputs, *, allow_off_cpu: bool = False) -> Runner:
+  import jax
+  if jax.default_backend() != "cpu" and not allow_off_cpu:
+    raise Unavailable("JAX runs on an accelerator and torch on the CPU; pass --torch-on-cpu "
+                      "to include it anyway")
+  try:
+    import torch
+    import torch.nn.functional as F
+  except ImportError as e:
+    raise Unavailable(f"torch is not installed ({e})") from None
+  torch.set_num_threads(_cores())
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[inputs.dtype]
+  nhwc = inputs.x.ndim == 4
+
+  def tensor(a, dtype=tdtype):
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    # NHWC memory seen as NCHW with channels_last strides: torch's own NHWC layout.
+    return t.permute(0, 3, 1, 2) if nhwc else t
+
+  x, g = tensor(inputs.x), tensor(inputs.g)
+  w, b = torch.from_numpy(inputs.scale.copy()), torch.from_numpy(inputs.bias.copy())
+  rm, rv = torch.from_numpy(inputs.run_mean.copy()), torch.from_numpy(inputs.run_var.copy())
+  c = inputs.x.shape[-1]
+  norm = case.norm
+
+  def forward(x, w, b):
+    if norm == "batch_norm_train":
+      return F.batch_norm(x, rm, rv, w, b, training=True, momentum=1 - MOMENTUM, eps=BN_EPS)
+    if norm == "batch_norm_eval":
+      return F.batch_norm(x, rm, rv, w, b, training=False, eps=BN_EPS)
+    if norm == "layer_norm":
+      return F.layer_norm(x, (c,), w, b, eps=EPS)
+    if norm == "rms_norm":
+      return F.rms_norm(x, (c,), w, eps=EPS)
+    if norm == "group_norm":
+      return F.group_norm(x, GROUPS, w, b, eps=EPS)
+    raise ValueError(norm)
+
+  try:
+    with torch.no_grad():
+      forward(x, w, b)
+  except RuntimeError:  # e.g. no mixed bf16 input / f32 weight kernel: use bf16 weights
+    w, b = w.to(tdtype), b.to(tdtype)
+  params = [w, b] if case.has_bias else [w]
+
+  if case.grad:
+    x.requires_grad_(True)
+    for p in params:
+      p.requires_grad_(True)
+
+    def call():
+      y = forward(x, w, b)
+      return torch.autograd.grad(y, [x] + params, g)
+  else:
+    def call():
+      with torch.no_grad():
+        return forward(x, w, b)
+
+  def to_numpy(t):
+    t = t.detach().float()
+    return (t.permute(0, 2, 3, 1) if nhwc and t.ndim == 4 else t).contiguous().numpy()
+
+  def outputs():
+    out = call()
+    return [to_numpy(t) for t in (out if case.grad else [out])]
+
+  return Runner("torch", call, outputs)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _xla_figures(compiled) -> tuple[float | None, float | None]:
+  """(bytes accessed, temporary bytes) of a compiled executable, None where unknown."""
+  accessed = temp = None
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    if cost:
+      accessed = cost.get("bytes accessed")
+  except Exception:  # noqa: BLE001 - figures are optional on some backends
+    pass
+  try:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      temp = float(mem.temp_size_in_bytes)
+  except Exception:  # noqa: BLE001
+    pass
+  return accessed, temp
+
+
+def _check(reference: list[np.ndarray], other: list[np.ndarray], dtype: str) -> str:
+  """Whether a competitor computed the same thing as jaxnorm: the largest difference
+  of each output relative to that output's largest magnitude (loose: it catches
+  layout bugs and inaccurate low-precision accumulation, not rounding)."""
+  if len(reference) != len(other):
+    return f"DIFFERS: {len(other)} outputs vs {len(reference)}"
+  tol = 3e-2 if dtype == "bfloat16" else 1e-3
+  names = ["y"] if len(reference) == 1 else ["dx", "dscale", "dbias"]
+  bad = []
+  for name, r, o in zip(names, reference, other):
+    if r.shape != o.shape:
+      return f"DIFFERS: {name} shape {o.shape} vs {r.shape}"
+    err = float(np.max(np.abs(r - o)) / max(float(np.max(np.abs(r))), 1e-30)) if r.size else 0.0
+    if not err <= tol:
+      bad.append(f"{name} {err:.0e}")
+  return "ok" if not bad else "DIFFERS: " + ", ".join(bad)
+
+
+def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
+             max_seconds: float, seed: int, torch_on_cpu: bool = False,
+             log: Callable[[str], None] = lambda s: None) -> Result:
+  """Builds, warms up, cross-checks and times every competitor of one case."""
+  import random
+  shape = case.shape_for(size)
+  inputs = Inputs.make(case, shape, seed)
+  builders = {
+      "floor": build_floor,
+      "jaxnorm": build_jaxnorm,
+      FAST: lambda c, i: build_jaxnorm(c, i, fast=True),
+      REF: lambda c, i: build_jaxnorm(c, i, reference=True),
+      "flax.linen": build_linen,
+      "flax.nnx": build_nnx,
+      "torch": lambda c, i: build_torch(c, i, allow_off_cpu=torch_on_cpu),
+  }
+  runners: list[Runner] = []
+  skipped: dict[str, str] = {}
+  for name in competitors:
+    try:
+      runners.append(builders[name](case, inputs))
+    except Unavailable as e:
+      skipped[name] = str(e)
+  for r in runners:  # warm-up (compilation already done; first-call allocations, caches)
+    r.call()
+    r.call()
+  ref = next((r for r in runners if r.name == "jaxnorm"), None)
+  agree: dict[str, str] = {}
+  if ref is not None:
+    ref_out = ref.outputs()
+    for r in runners:
+      if r.name not in ("floor", "jaxnorm"):
+        agree[r.name] = _check(ref_out, r.outputs(), inputs.dtype)
+  times: dict[str, list[float]] = {r.name: [] for r in runners}
+  order = list(runners)
+  rng = random.Random(seed)
+  start = time.perf_counter()
+  gc_was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    for i in range(rounds):
+      rng.shuffle(order)
+      for r in order:
+        t0 = time.perf_counter()
+        r.call()
+        times[r.name].append(time.perf_counter() - t0)
+      if i + 1 >= min(rounds, 5) and time.perf_counter() - start > max_seconds:
+        break
+  finally:
+    if gc_was_enabled:
+      gc.enable()
+  xla = {r.name: _xla_figures(r.compiled) for r in runners if r.compiled is not None}
+  res = Result(case, shape, times, skipped, xla, agree)
+  log(f"  {case.name} {shape}: {len(next(iter(times.values()), []))} rounds, "
+      + ", ".join(f"{n} {1e3 * res.median(n):.2f} ms" for n in times))
+  return res
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def header(args: argparse.Namespace) -> list[str]:
+  import jax
+  lines = [f"jaxnorm benchmarks, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  lines.append(f"machine: {platform.system()} {platform.machine()}, {cpu}, {_cores()} cores "
+               f"available, python {platform.python_version()}")
+  devs = jax.devices()
+  lines.append(f"jax {jax.__version__}, backend {jax.default_backend()} "
+               f"({len(devs)} x {devs[0].device_kind})")
+  try:
+    import flax
+    lines.append(f"flax {flax.__version__}")
+  except ImportError:
+    lines.append("flax: not installed")
+  try:
+    import torch
+    lines.append(f"torch {torch.__version__} ({_cores()} threads)")
+  except ImportError:
+    lines.append("torch: not installed")
+  tun = os.environ.get("GLIBC_TUNABLES")
+  if tun == GLIBC_TUNED:
+    lines.append("malloc: GLIBC_TUNABLES set (freed memory kept: compute and traffic alone)")
+  else:
+    lines.append(f"malloc: default (GLIBC_TUNABLES={tun or 'unset'}); --glibc-tuned re-runs "
+                 f"with GLIBC_TUNABLES={GLIBC_TUNED}")
+  mode = {"full": "full size", "quick": "--quick: leading dims reduced 8x, few rounds; "
+          "ratios are indicative only", "tiny": "--tiny: toy shapes (a smoke test; "
+          "timings meaningless)"}[args.size]
+  lines.append(f"mode: {mode}; up to {args.rounds} rounds (at most ~{args.max_seconds:g} s "
+               "per case), competitors interleaved in a shuffled order each round, warm-up "
+               "excluded, medians")
+  lines.append("ratios: median / median of the named competitor in the same run; floor = "
+               "jitted x*2+1 (read x once, write one array)")
+  return lines
+
+
+def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
+  return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _mib(v: float | None) -> str:
+  return "-" if v is None else f"{v / 2**20:.1f}"
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+  if markdown:
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+            for i, h in enumerate(headers)]
+  line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths)))
+  return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def summary_table(results: Sequence[Result], markdown: bool, main: str = "jaxnorm") -> list[str]:
+  """One row per case: every competitor as a ratio to the floor, and the target."""
+  names = [n for n in (main, FAST, REF, "flax.linen", "flax.nnx", "torch")
+           if any(n in r.times for r in results)]
+  headers = ["case", "shape", "floor ms"] + [f"{n} x" for n in names] + ["target", "met"]
+  rows = []
+  for r in results:
+    ratios = [r.ratio(n, "floor") for n in names]
+    best = r.ratio(FAST, "floor") if FAST in r.times else r.ratio(main, "floor")
+    met = "-" if r.case.target is None or best is None else (
+        "yes" if best <= r.case.target * 1.02 else "no")
+    rows.append([r.case.name + ("" if r.case.dtype == "float32" else ""),
+                 "x".join(map(str, r.shape)), _fmt(1e3 * (r.median("floor") or math.nan), ".2f")]
+                + [_fmt(v, ".2f") for v in ratios]
+                + [_fmt(r.case.target, ".1f", "x") if r.case.target else "-", met])
+  return _table(headers, rows, markdown)
+
+
+def detail_table(results: Sequence[Result], markdown: bool) -> list[str]:
+  """One row per case and competitor: ms, ratios, noise, XLA figures, agreement."""
+  headers = ["case", "impl", "ms", "x floor", "x flax.linen", "x torch", "IQR/med",
+             "XLA bytes MiB", "XLA temp MiB", "check"]
+  rows = []
+  for r in results:
+    for n in r.times:
+      acc, tmp = r.xla.get(n, (None, None))
+      rows.append([r.case.name, n, _fmt(1e3 * r.median(n), ".2f"),
+                   _fmt(r.ratio(n, "floor"), ".2f"), _fmt(r.ratio(n, "flax.linen"), ".2f"),
+                   _fmt(r.ratio(n, "torch"), ".2f"), _fmt(r.spread(n), ".0%"),
+                   _mib(acc), _mib(tmp), r.agree.get(n, "")])
+    for n, why in r.skipped.items():
+      rows.append([r.case.name, n, "skipped", "", "", "", "", "", "", why])
+  return _table(headers, rows, markdown)
+
+
+def report(results: Sequence[Result], args: argparse.Namespace) -> str:
+  md = args.markdown
+  out = []
+  head = header(args)
+  out += ([f"- {h}" for h in head] if md else head) + [""]
+  out += ["Summary (time as a multiple of the floor; 'met' judges "
+          + (FAST if args.fast_path else "jaxnorm") + " against the issue's target):", ""]
+  out += summary_table(results, md) + [""]
+  out += ["Detail (XLA figures: compiled.cost_analysis() bytes accessed, "
+          "compiled.memory_analysis() temporary bytes):", ""]
+  out += detail_table(results, md)
+  return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m jaxnorm.benchmarks",
+      description="Times jaxnorm against the memory floor, flax.linen, flax.nnx and torch.")
+  p.add_argument("--quick", action="store_const", dest="size", const="quick",
+                 help="under a minute: leading dimensions reduced 8x, few rounds")
+  p.add_argument("--tiny", action="store_const", dest="size", const="tiny",
+                 help="toy shapes, for checking that the harness works (tests)")
+  p.add_argument("--cases", default="", help="regular expression selecting cases by name")
+  p.add_argument("--competitors", default=",".join(COMPETITORS),
+                 help=f"comma-separated subset of {','.join(COMPETITORS)}")
+  p.add_argument("--fast-path", action="store_true",
+                 help=f"add '{FAST}': the custom-VJP path called directly")
+  p.add_argument("--reference", action="store_true",
+                 help=f"add '{REF}': jaxnorm with the custom-VJP path switched off")
+  p.add_argument("--rounds", type=int, default=None, help="rounds per case (default 40; quick 6)")
+  p.add_argument("--max-seconds", type=float, default=None,
+                 help="stop a case's rounds after this long (default 20; quick 2)")
+  p.add_argument("--markdown", action="store_true", help="markdown tables (for the README)")
+  p.add_argument("--glibc-tuned", action="store_true",
+                 help="re-execute with GLIBC_TUNABLES set so glibc keeps freed memory")
+  p.add_argument("--torch-on-cpu", action="store_true",
+                 help="time torch (CPU) even when JAX runs on an accelerator")
+  p.add_argument("--list", action="store_true", help="list the cases and exit")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+  p.set_defaults(size="full")
+  args = p.parse_args(argv)
+  small = args.size != "full"
+  args.rounds = args.rounds or (6 if small else 40)
+  args.max_seconds = args.max_seconds if args.max_seconds is not None else (2.0 if small else 20.0)
+  return args
+
+
+def select(pattern: str) -> list[Case]:
+  rx = re.compile(pattern)
+  return [c for c in CASES if rx.search(c.name)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  if args.list:
+    for c in CASES:
+      print(f"{c.name:34s} {c.shape} {c.dtype}" + (f" target {c.target}x" if c.target else ""))
+    return 0
+  if args.glibc_tuned and os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNED:
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNED)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "jaxnorm.benchmarks", *argv], env)
+  competitors = [c.strip() for c in args.competitors.split(",") if c.strip()]
+  unknown = sorted(set(competitors) - set(COMPETITORS))
+  if unknown:
+    print(f"unknown competitors {unknown}; choose from {list(COMPETITORS)}", file=sys.stderr)
+    return 2
+  if "floor" not in competitors:
+    competitors.insert(0, "floor")
+  if args.fast_path:
+    competitors.append(FAST)
+  if args.reference:
+    competitors.append(REF)
+  cases = select(args.cases)
+  if not cases:
+    print(f"no case matches {args.cases!r}; --list shows them", file=sys.stderr)
+    return 2
+  log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+  log(f"running {len(cases)} cases ({args.size}) with {', '.join(competitors)}")
+  results = [run_case(c, competitors, size=args.size, rounds=args.rounds,
+                      max_seconds=args.max_seconds, seed=args.seed,
+                      torch_on_cpu=args.torch_on_cpu, log=log) for c in cases]
+  print(report(results, args))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
