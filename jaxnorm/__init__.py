@@ -15,5 +15,6 @@ from ._stats import update_batch_stats as update_batch_stats
 from ._types import BatchStats as BatchStats
 from ._types import Moments as Moments
 from ._types import init_batch_stats as init_batch_stats
+from ._vjp import plain_autodiff as plain_autodiff
 
 __version__ = "0.1.0"

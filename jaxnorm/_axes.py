@@ -73,13 +73,28 @@ def check_training(training: Any, *, fn: str, name: str = "training") -> bool:
       f"switch with lax.cond(flag, lambda: f({name}=True), lambda: f({name}=False)).")
 
 
+def _concrete_scalar(value: Any) -> Any:
+  """A Python/NumPy number, or a concrete (non-traced) size-1 array as a float;
+  anything else (a tracer, whose value is unknown at trace time) is returned as is."""
+  if isinstance(value, numbers.Real):
+    return value
+  if isinstance(value, (np.ndarray, np.generic)) or (
+      isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)):
+    if np.size(value) == 1 and np.issubdtype(np.asarray(value).dtype, np.number):
+      return float(np.asarray(value).reshape(()))
+  return value
+
+
 def check_nonnegative(value: Any, *, fn: str, name: str) -> None:
-  if isinstance(value, numbers.Real) and not (value >= 0):  # also catches NaN
+  """Range check at trace time when the value is known (numbers and concrete arrays)."""
+  v = _concrete_scalar(value)
+  if isinstance(v, numbers.Real) and not (v >= 0):  # also catches NaN
     raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}. Typical values are 1e-5 or 1e-6.")
 
 
 def check_momentum(momentum: Any, *, fn: str) -> None:
-  if isinstance(momentum, numbers.Real) and not (0.0 <= momentum <= 1.0):
+  m = _concrete_scalar(momentum)
+  if isinstance(m, numbers.Real) and not (0.0 <= m <= 1.0):
     raise ValueError(
         f"{fn}: momentum must be in [0, 1] (new = momentum*old + (1-momentum)*batch), "
         f"got {momentum!r}. A PyTorch momentum m corresponds to jaxnorm momentum 1 - m.")
@@ -119,8 +134,12 @@ def per_feature(p: Any, *, name: str, x_shape: Shape, feature_axes: tuple[int, .
       f"that broadcasts to {tuple(x_shape)} (e.g. per-sample FiLM). Reshape {name} to one of these.")
 
 
-def check_mask(where: Any, x_shape: Shape, *, fn: str) -> Array | None:
-  """A boolean mask broadcastable to ``x``, returned with the rank of ``x``."""
+def check_mask(where: Any, x_shape: Shape, *, fn: str, target: str = "input") -> Array | None:
+  """A boolean mask broadcastable to ``x_shape``, returned with that rank.
+
+  ``target`` names what the shape belongs to in error messages (``"input"``, or
+  ``"running statistics"`` for :func:`jaxnorm.update_batch_stats`'s per-feature mask).
+  """
   if where is None:
     return None
   where = jnp.asarray(where)
@@ -128,13 +147,13 @@ def check_mask(where: Any, x_shape: Shape, *, fn: str) -> Array | None:
     raise TypeError(f"{fn}: the mask `where` must be boolean (True = use this element), got "
                     f"dtype {where.dtype}. Use e.g. `where=mask.astype(bool)`.")
   if where.ndim > len(x_shape):
-    raise ValueError(f"{fn}: the mask has rank {where.ndim}, more than the input's "
+    raise ValueError(f"{fn}: the mask `where` has rank {where.ndim}, more than the {target}'s "
                      f"rank {len(x_shape)}.")
   padded = (1,) * (len(x_shape) - where.ndim) + tuple(where.shape)
   if not _broadcasts(padded, x_shape):
     raise ValueError(
-        f"{fn}: the mask of shape {where.shape} does not broadcast to the input shape "
-        f"{tuple(x_shape)}. Give it the input's shape, or size 1 on the axes it does not "
+        f"{fn}: the mask `where` of shape {where.shape} does not broadcast to the {target} "
+        f"shape {tuple(x_shape)}. Give it that shape, or size 1 on the axes it does not "
         "vary along, e.g. (batch, 1) for a per-sample mask on (batch, features).")
   return where.reshape(padded)
 

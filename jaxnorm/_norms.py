@@ -1,39 +1,21 @@
 """The normalizers: pure functions of arrays, with explicit state for batch norm.
 
-All of them are one computation: statistics from :func:`jaxnorm._stats.centered_moments`
-and the affine map :func:`_scale_shift`.  They differ only in which axes are
-reduced and which carry per-feature scale and bias.
+All of them are one computation, :func:`jaxnorm._vjp.standardize`: statistics from
+:func:`jaxnorm._stats.centered_moments`, then ``((x - mean) * rstd) * scale + bias``,
+with an analytic backward.  They differ only in which axes are reduced and which
+carry per-feature scale and bias.  This module validates inputs and lays out
+axes; it has no math of its own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import jax.numpy as jnp
-from jax import lax
 
-from . import _axes
-from ._stats import Centered, centered_moments, stat_dtype, update_batch_stats
+from . import _axes, _vjp
+from ._stats import Centered, stat_dtype, update_batch_stats
 from ._types import Array, Axes, AxisName, BatchStats, DType, Moments
-
-
-def _scale_shift(x: Array, stats: Centered, scale: Array | None, bias: Array | None,
-                 epsilon: Any, dtype: DType | None) -> Array:
-  """``((x - shift) - offset) * rsqrt(var + eps) * scale + bias``, one fused pass.
-
-  Written as ``(x - shift) * a + b`` with per-statistic ``a = scale * rsqrt(var + eps)``
-  and ``b = bias - offset * a``: the only full-size work is a subtract and a
-  multiply-add, and ``x - shift`` is exact when the shift is close to the data.
-  """
-  cdtype = stat_dtype(x.dtype)
-  a = lax.rsqrt(stats.var.astype(cdtype) + jnp.asarray(epsilon, cdtype))
-  if scale is not None:
-    a = a * scale.astype(cdtype)
-  b = -stats.offset.astype(cdtype) * a
-  if bias is not None:
-    b = b + bias.astype(cdtype)
-  y = (x.astype(cdtype) - stats.shift.astype(cdtype)) * a + b
-  return y.astype(dtype or x.dtype)
 
 
 def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
@@ -58,9 +40,9 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
   all_axes = tuple(range(x.ndim))
   p = {name: _axes.per_feature(v, name=name, x_shape=x.shape, feature_axes=all_axes, fn=fn)
        for name, v in dict(mean=mean, var=var, scale=scale, bias=bias).items()}
-  stats = Centered(shift=p["mean"], offset=jnp.zeros((), p["mean"].dtype), var=p["var"],
-                   count=jnp.zeros((), p["mean"].dtype))
-  return _scale_shift(x, stats, p["scale"], p["bias"], epsilon, dtype)
+  zero = jnp.zeros((), p["mean"].dtype)
+  stats = Centered(shift=p["mean"], offset=zero, var=p["var"], count=zero)
+  return _vjp.scale_shift(x, stats, p["scale"], p["bias"], epsilon, dtype)
 
 
 def _standardize(x: Array, scale, bias, *, reduction_axes: Axes, feature_axes: Axes,
@@ -76,9 +58,10 @@ def _standardize(x: Array, scale, bias, *, reduction_axes: Axes, feature_axes: A
   scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
   bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
   where = _axes.check_mask(where, x.shape, fn=fn)
-  stats = centered_moments(x, red, where=where, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups, center=center)
-  return _scale_shift(x, stats, scale, bias, epsilon, dtype)
+  y, _, _ = _vjp.standardize(x, red, scale, bias, where=where, epsilon=epsilon,
+                             axis_name=axis_name, axis_index_groups=axis_index_groups,
+                             center=center, dtype=dtype)
+  return y
 
 
 _COMMON_DOC = """
@@ -273,20 +256,12 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
   if not training:
     zero = jnp.zeros((), cdtype)
     used = Centered(shift=run_mean, offset=zero, var=run_var, count=zero)
-    return _scale_shift(x, used, scale, bias, epsilon, dtype), stats
+    return _vjp.scale_shift(x, used, scale, bias, epsilon, dtype), stats
 
-  batch = centered_moments(x, red, where=where, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups)
-  usable = None
-  if degenerate == "running":
-    usable = ((batch.count >= 2) & jnp.isfinite(batch.shift + batch.offset)
-              & jnp.isfinite(batch.var))
-    used = Centered(shift=jnp.where(usable, batch.shift, run_mean),
-                    offset=jnp.where(usable, batch.offset, 0),
-                    var=jnp.where(usable, batch.var, run_var), count=batch.count)
-  else:
-    used = batch
-  y = _scale_shift(x, used, scale, bias, epsilon, dtype)
+  y, batch, usable = _vjp.standardize(
+      x, red, scale, bias, where=where, epsilon=epsilon, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, center=True, dtype=dtype,
+      fallback=(run_mean, run_var) if degenerate == "running" else None)
   fshape = _axes.feature_shape(x.shape, feat)
   flat = lambda v: v.reshape(fshape)
   batch_moments = Moments(mean=flat(batch.shift + batch.offset), var=flat(batch.var),

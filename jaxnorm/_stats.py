@@ -65,8 +65,8 @@ def _count(where: Array | None, x_shape, axes, keep_shape, dtype) -> Array:
 def _reference_value(xf: Array, axes, where: Array | None, keep_shape) -> tuple[Array, Array]:
   """A value close to the data for each statistic, and how many elements it came from.
 
-  Unmasked: the first element along the reduced axes.  Masked: the mean of the
-  included elements in the first slice along the first reduced axis (0 if none).
+  The first element along the reduced axes; masked, the first included one
+  (0 with count 0 when there is none).
   Under ``jit`` with explicitly sharded inputs (``jax.make_mesh``'s default),
   slicing a sharded axis is done in auto mode, where XLA broadcasts the element.
   """
@@ -87,16 +87,26 @@ def _reference_value(xf: Array, axes, where: Array | None, keep_shape) -> tuple[
 
 
 def _local_reference_value(xf, axes, where, keep_shape):
-  first = lax.slice_in_dim(xf, 0, 1, axis=axes[0])
+  """The first element along ``axes`` (the first *included* one when masked)."""
   if where is None:
-    ref = lax.slice(first, (0,) * first.ndim,
-                    tuple(1 if a in axes else d for a, d in enumerate(first.shape)))
-    return jnp.broadcast_to(ref, keep_shape), jnp.ones(keep_shape, xf.dtype)
-  w = lax.slice_in_dim(where, 0, 1, axis=axes[0]) if where.shape[axes[0]] != 1 else where
-  total = jnp.sum(jnp.where(w, first, 0), axis=axes, keepdims=True)
-  n = jnp.broadcast_to(jnp.sum(jnp.broadcast_to(w, first.shape), axis=axes, keepdims=True,
-                               dtype=xf.dtype), keep_shape)
-  return jnp.broadcast_to(total, keep_shape) / jnp.maximum(n, 1), n
+    ref = lax.slice(xf, (0,) * xf.ndim, keep_shape)
+    return ref, jnp.ones(keep_shape, xf.dtype)
+  # Flat index of the first True of the mask over the reduced axes it varies along
+  # (0 when there is none: then the count is 0 and the value is not used).
+  masked = tuple(a for a in axes if where.shape[a] != 1)
+  w = jnp.moveaxis(where, masked, tuple(range(where.ndim - len(masked), where.ndim)))
+  w = w.reshape(w.shape[:where.ndim - len(masked)] + (-1,))
+  first = jnp.argmax(w, axis=-1)
+  found = jnp.take_along_axis(w, first[..., None], axis=-1)[..., 0]
+  first, found = (jnp.expand_dims(v, masked) for v in (first, found))
+  sizes = [where.shape[a] for a in masked]
+  position = dict(zip(masked, jnp.unravel_index(first, sizes) if masked else ()))
+  index = tuple(position[a] if a in position
+                else (0 if a in axes else lax.broadcasted_iota(jnp.int32, keep_shape, a))
+                for a in range(xf.ndim))
+  found = jnp.broadcast_to(found, keep_shape)
+  ref = jnp.where(found, xf[index], 0)  # 0 for an empty group: its mean is then 0
+  return ref, found.astype(xf.dtype)
 
 
 def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = None,
@@ -217,6 +227,7 @@ def update_batch_stats(stats: BatchStats, batch_moments: Moments, *, momentum: f
   """
   fn = "jaxnorm.update_batch_stats"
   _axes.check_momentum(momentum, fn=fn)
+  where = _axes.check_mask(where, jnp.shape(stats.mean), fn=fn, target="running statistics")
   for name, old, new in zip(("mean", "var"), stats, batch_moments[:2]):
     if jnp.shape(old) != jnp.shape(new):
       raise ValueError(f"{fn}: running {name} has shape {jnp.shape(old)} but the batch {name} "

@@ -19,10 +19,8 @@ mean and variance).  The backward saves only ``x``, the parameters and per-group
 statistics, and recomputes ``x - k`` inside each fused pass.  What XLA:CPU does
 with it (measured with ``python -m jaxnorm.benchmarks``):
 
-* Forward: written ``((x - k) - d) * (rstd * scale) + bias``.  ``_scale_shift``'s
-  ``(x - k) * a + (bias - d * a)`` makes ``a = rstd * scale`` (a full-size outer
-  product for layer/group norm) a shared subexpression that XLA:CPU materialises,
-  splitting the forward into four passes; this form is one fused pass.
+* Forward: statistics, then :func:`affine`, ``((x - k) - d) * (rstd * scale) +
+  bias``: XLA:CPU fuses the two into one pass over ``x`` plus the reductions.
 * Non-contiguous statistics axes (group norm on NHWC: spatial axes and the
   channels of a group, with the groups in between) reduce several times slower
   than contiguous ones on XLA:CPU; the statistics are taken per channel and
@@ -40,11 +38,12 @@ is differentiable to any order in reverse mode (``grad`` of ``grad``,
 of the normalizer) is not available: that is a property of ``jax.custom_vjp``.
 ``ENABLED = False`` (read at trace time) switches every caller to
 :func:`standardize_reference`, plain autodiff of ``centered_moments`` and
-``_scale_shift``.
+:func:`scale_shift` (the benchmarks' ``--reference`` rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Hashable
 
@@ -57,6 +56,32 @@ from ._types import Array, AxisName, DType
 
 ENABLED = True
 """Use the custom-VJP path (read at trace time; ``False`` selects the reference)."""
+
+
+@contextlib.contextmanager
+def plain_autodiff():
+  """Within this block, jaxnorm traces its plain-autodiff path instead of the custom VJP.
+
+  The default path defines its gradient with ``jax.custom_vjp``: reverse mode to any
+  order (``grad``, ``grad`` of ``grad``, ``jax.hessian``), but not forward mode
+  applied to the normalizer itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``).
+  This block gives the same values (up to rounding) through ordinary JAX autodiff,
+  which supports every transformation, at the reference path's speed.  It applies
+  to functions *traced* inside the block; a jitted function already compiled keeps
+  the path it was traced with.
+
+  >>> import jax, jax.numpy as jnp, jaxnorm as jn
+  >>> with jn.plain_autodiff():
+  ...   _, t = jax.jvp(jn.layer_norm, (jnp.array([1., 2., 4.]),), (jnp.ones(3),))
+  >>> t
+  Array([0., 0., 0.], dtype=float32)
+  """
+  global ENABLED
+  saved, ENABLED = ENABLED, False
+  try:
+    yield
+  finally:
+    ENABLED = saved
 
 
 def usable_stats(batch: Centered) -> Array:
@@ -73,8 +98,8 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
                 ) -> tuple[Array, Centered, Array | None]:
   """``y = ((x - mean) * rsqrt(var + epsilon)) * scale + bias`` with batch statistics.
 
-  Equals ``_scale_shift(x, centered_moments(x, axes, ...), scale, bias, epsilon,
-  dtype)``, with an analytic backward.  Inputs must already be validated as the
+  Equals :func:`standardize_reference` (``scale_shift`` of ``centered_moments``)
+  up to rounding, with an analytic backward.  Inputs must already be validated as the
   public functions do: ``axes`` sorted non-negative ints; ``scale``, ``bias``,
   ``where`` of ``x``'s rank, broadcasting to it.
 
@@ -110,19 +135,58 @@ def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None =
                           dtype: DType | None = None,
                           fallback: tuple[Array, Array] | None = None
                           ) -> tuple[Array, Centered, Array | None]:
-  """:func:`standardize` by plain autodiff of ``centered_moments`` + ``_scale_shift``."""
-  from ._norms import _scale_shift  # _norms imports this module
-  batch = centered_moments(x, axes, where=where, axis_name=axis_name,
+  """:func:`standardize` by plain autodiff of ``centered_moments`` + :func:`scale_shift`.
+
+  ``x`` is cast to the statistics dtype once, so a bf16/f16 ``x`` gets its
+  gradient accumulated in float32 and rounded once.
+  """
+  xf = x.astype(stat_dtype(x.dtype))
+  batch = centered_moments(xf, axes, where=where, axis_name=axis_name,
                            axis_index_groups=axis_index_groups, center=center)
-  usable, used = None, batch
-  if fallback is not None:
-    cdtype = stat_dtype(x.dtype)
-    rm, rv = (jnp.asarray(v, cdtype) for v in fallback)
-    usable = usable_stats(batch)
-    used = Centered(shift=jnp.where(usable, batch.shift, rm),
-                    offset=jnp.where(usable, batch.offset, 0),
-                    var=jnp.where(usable, batch.var, rv), count=batch.count)
-  return _scale_shift(x, used, scale, bias, epsilon, dtype), batch, usable
+  used, usable = with_fallback(batch, fallback)
+  return scale_shift(xf, used, scale, bias, epsilon, dtype or x.dtype), batch, usable
+
+
+def with_fallback(batch: Centered, fallback: tuple[Array, Array] | None
+                  ) -> tuple[Centered, Array | None]:
+  """The statistics to normalize with: ``batch``, or where it is not
+  :func:`usable_stats`, the running ``fallback = (mean, var)``.  Returns
+  ``(used, usable)`` (``usable`` is None without a fallback)."""
+  if fallback is None:
+    return batch, None
+  rm, rv = (jnp.asarray(v, batch.var.dtype) for v in fallback)
+  usable = usable_stats(batch)
+  used = Centered(shift=jnp.where(usable, batch.shift, rm),
+                  offset=jnp.where(usable, batch.offset, 0),
+                  var=jnp.where(usable, batch.var, rv), count=batch.count)
+  return used, usable
+
+
+def scale_shift(x: Array, stats: Centered, scale: Array | None, bias: Array | None,
+                epsilon: Any, dtype: DType | None) -> Array:
+  """``((x - shift) - offset) * rsqrt(var + epsilon) * scale + bias`` with given statistics
+  (evaluation-mode batch norm, :func:`jaxnorm.normalize`, the reference path)."""
+  cdtype = stat_dtype(x.dtype)
+  rstd = lax.rsqrt(stats.var.astype(cdtype) + jnp.asarray(epsilon, cdtype))
+  return affine(x, stats.shift, stats.offset, rstd, scale, bias, jnp.dtype(dtype or x.dtype))
+
+
+def affine(x: Array, shift: Array, offset: Array, rstd: Array, scale: Array | None,
+           bias: Array | None, out_dtype: Any) -> Array:
+  """``((x - shift) - offset) * (rstd * scale) + bias``, in at least float32, one fused pass.
+
+  ``x - shift`` is exact when the shift is close to the data, then one rounding
+  per op.  (The algebraically equal ``(x - shift) * a + (bias - offset * a)`` with
+  ``a = rstd * scale`` makes ``a`` -- a full-size outer product for layer and group
+  norm -- a shared subexpression that XLA:CPU materialises, splitting the forward
+  into four passes; this form is one.)
+  """
+  cdtype = stat_dtype(x.dtype)
+  a = rstd.astype(cdtype) if scale is None else rstd.astype(cdtype) * scale.astype(cdtype)
+  y = ((x.astype(cdtype) - shift.astype(cdtype)) - offset.astype(cdtype)) * a
+  if bias is not None:
+    y = y + bias.astype(cdtype)
+  return y.astype(out_dtype)
 
 
 # --------------------------------------------------------------------------- implementation
@@ -235,37 +299,13 @@ def _moments(cfg: _Config, x, where) -> tuple[Centered, Array]:
 
 def _statistics(cfg: _Config, x, where, rm, rv, eps):
   batch, fine_shift = _moments(cfg, x, where)
-  k, d, v, n = batch
-  usable = None
-  if cfg.fallback:
-    usable = usable_stats(batch)
-    k_u, d_u, v_u = jnp.where(usable, k, rm), jnp.where(usable, d, 0), jnp.where(usable, v, rv)
-  else:
-    k_u, d_u, v_u = k, d, v
-  rstd_u = lax.rsqrt(v_u + eps)
-  return batch, usable, fine_shift, (k_u, d_u, rstd_u)
-
-
-def _affine(cfg: _Config, x, scale, bias, k_u, d_u, rstd_u):
-  """``((x - k) - d) * (rstd * scale) + bias``.
-
-  ``_scale_shift`` writes this as ``(x - k) * a + (bias - d * a)``; for layer and
-  group norm ``a = rstd * scale`` is then a full-size outer product used twice,
-  which XLA:CPU materialises and which splits the forward into four passes.  In
-  this form XLA:CPU fuses statistics and output into one pass (same accuracy:
-  ``x - k`` is exact when ``k`` is near the data, then one rounding per op).
-  """
-  cdtype = stat_dtype(x.dtype)
-  a = rstd_u if scale is None else rstd_u * scale.astype(cdtype)
-  y = ((x.astype(cdtype) - k_u) - d_u) * a
-  if bias is not None:
-    y = y + bias.astype(cdtype)
-  return y.astype(cfg.out_dtype)
+  used, usable = with_fallback(batch, None if rm is None else (rm, rv))
+  return batch, usable, fine_shift, (used.shift, used.offset, lax.rsqrt(used.var + eps))
 
 
 def _outputs(cfg, x, scale, bias, where, rm, rv, eps):
   batch, usable, fine_shift, (k_u, d_u, rstd_u) = _statistics(cfg, x, where, rm, rv, eps)
-  y = _affine(cfg, x, scale, bias, k_u, d_u, rstd_u)
+  y = affine(x, k_u, d_u, rstd_u, scale, bias, cfg.out_dtype)
   return (y, *batch, usable), (batch, usable, fine_shift, k_u, d_u, rstd_u)
 
 

@@ -26,11 +26,10 @@ page-faults them in again, which can cost more than the arithmetic.  With
 harness with it) the timings show compute and memory traffic alone.  Run both:
 the first is what users get, the second what the code does.
 
-Paths of jaxnorm: ``jaxnorm`` is the public functions as they are;
-``--fast-path`` adds ``jaxnorm._vjp`` (the custom-VJP fast path called
-directly, for measuring it before the public functions use it) and
-``--reference`` adds ``jaxnorm-ref`` (the public functions traced with
-``jaxnorm._vjp.ENABLED = False``: plain autodiff).
+Paths of jaxnorm: ``jaxnorm`` is the public functions as they are (the
+custom-VJP fast path of ``jaxnorm._vjp``); ``--reference`` adds ``jaxnorm-ref``
+(the public functions traced inside ``jaxnorm.plain_autodiff()``: plain
+autodiff of the same statistics).
 
 The harness runs unchanged on a GPU (the floor is then device memory bandwidth;
 torch stays on the CPU and is left out there unless ``--torch-on-cpu``).
@@ -40,6 +39,7 @@ Heavy imports (flax, torch) happen inside the functions that need them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -58,7 +58,6 @@ GLIBC_TUNED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                "glibc.malloc.trim_threshold=68719476736")
 
 COMPETITORS = ("floor", "jaxnorm", "flax.linen", "flax.nnx", "torch")
-FAST = "jaxnorm._vjp"  # the custom-VJP fast path called directly (--fast-path)
 REF = "jaxnorm-ref"    # the plain reference path (--reference)
 
 
@@ -242,21 +241,16 @@ def _dict_grads(case: Case):
   return grads_of
 
 
-def _jaxnorm_apply(case: Case, x_ndim: int, *, fast: bool = False, reference: bool = False):
+def _jaxnorm_apply(case: Case, *, reference: bool = False):
   """``apply(x, params, state)`` through jaxnorm's public functions.
 
-  ``fast``: the custom-VJP path of :mod:`jaxnorm._vjp` called directly (for
-  measuring it before it is wired into the public functions).
-  ``reference``: the plain autodiff path (``_vjp`` switched off while tracing), to
-  compare against once it is wired in.
+  ``reference``: the plain autodiff path (``_vjp`` switched off while tracing).
   """
   import jaxnorm as jn
-  if fast:
-    return _fast_apply(case, x_ndim)
   norm = case.norm
 
   def apply(x, p, state):
-    with _reference_mode(reference):
+    with jn.plain_autodiff() if reference else contextlib.nullcontext():
       if norm == "batch_norm_train":
         return jn.batch_norm(x, state, p["scale"], p["bias"], training=True, momentum=MOMENTUM,
                              epsilon=BN_EPS)
@@ -272,75 +266,15 @@ def _jaxnorm_apply(case: Case, x_ndim: int, *, fast: bool = False, reference: bo
   return apply
 
 
-class _reference_mode:
-  """Switches :mod:`jaxnorm._vjp` off while tracing (``jaxnorm._vjp.ENABLED``)."""
-
-  def __init__(self, on: bool):
-    self.on = on
-
-  def __enter__(self):
-    if self.on:
-      from . import _vjp
-      self.saved, _vjp.ENABLED = _vjp.ENABLED, False
-
-  def __exit__(self, *exc):
-    if self.on:
-      from . import _vjp
-      _vjp.ENABLED = self.saved
-
-
-def _fast_apply(case: Case, x_ndim: int):
-  """The fast path called directly, with the axes the public functions would use."""
-  import jax.numpy as jnp
-
-  from . import _vjp
-  from ._types import BatchStats
-  norm = case.norm
-  feat = (x_ndim - 1,)
-
-  def per_feature(v, shape):
-    return None if v is None else v.reshape((1,) * (len(shape) - 1) + (shape[-1],))
-
-  def apply(x, p, state):
-    scale = per_feature(p.get("scale"), x.shape)
-    bias = per_feature(p.get("bias"), x.shape)
-    if norm == "batch_norm_train":
-      red = tuple(a for a in range(x.ndim) if a not in feat)
-      rm = state.mean.reshape(scale.shape)
-      rv = state.var.reshape(scale.shape)
-      y, batch, usable = _vjp.standardize(x, red, scale, bias, epsilon=BN_EPS,
-                                          fallback=(rm, rv))
-      mean = (batch.shift + batch.offset).reshape(state.mean.shape)
-      var = batch.var.reshape(state.var.shape)
-      u = usable.reshape(state.mean.shape)
-      ema = lambda old, new: jnp.where(u, MOMENTUM * old + (1 - MOMENTUM) * new, old)
-      return y, BatchStats(ema(state.mean, mean), ema(state.var, var))
-    if norm in ("layer_norm", "rms_norm"):
-      y, _, _ = _vjp.standardize(x, (x.ndim - 1,), scale, bias, epsilon=EPS,
-                                 center=norm == "layer_norm")
-      return y, state
-    if norm == "group_norm":
-      c = x.shape[-1]
-      xg = x.reshape(x.shape[:-1] + (GROUPS, c // GROUPS))
-      split = lambda v: v.reshape(v.shape[:-1] + (GROUPS, c // GROUPS))
-      red = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-      y, _, _ = _vjp.standardize(xg, red, split(scale), split(bias), epsilon=EPS)
-      return y.reshape(x.shape), state
-    # Evaluation uses no batch statistics: the public path is the fast path.
-    return _jaxnorm_apply(case, x_ndim)(x, p, state)
-  return apply
-
-
-def build_jaxnorm(case: Case, inputs: Inputs, *, fast: bool = False,
-                  reference: bool = False) -> Runner:
+def build_jaxnorm(case: Case, inputs: Inputs, *, reference: bool = False) -> Runner:
   import jax.numpy as jnp
 
   import jaxnorm as jn
   state = None
   if case.norm.startswith("batch_norm"):
     state = jn.BatchStats(mean=jnp.asarray(inputs.run_mean), var=jnp.asarray(inputs.run_var))
-  name = FAST if fast else REF if reference else "jaxnorm"
-  apply = _jaxnorm_apply(case, inputs.x.ndim, fast=fast, reference=reference)
+  name = REF if reference else "jaxnorm"
+  apply = _jaxnorm_apply(case, reference=reference)
   return _jax_runner(name, case, inputs, apply, _params(inputs, case), state,
                      _dict_grads(case))
 
@@ -558,7 +492,6 @@ def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
   builders = {
       "floor": build_floor,
       "jaxnorm": build_jaxnorm,
-      FAST: lambda c, i: build_jaxnorm(c, i, fast=True),
       REF: lambda c, i: build_jaxnorm(c, i, reference=True),
       "flax.linen": build_linen,
       "flax.nnx": build_nnx,
@@ -673,13 +606,13 @@ def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[st
 
 def summary_table(results: Sequence[Result], markdown: bool, main: str = "jaxnorm") -> list[str]:
   """One row per case: every competitor as a ratio to the floor, and the target."""
-  names = [n for n in (main, FAST, REF, "flax.linen", "flax.nnx", "torch")
+  names = [n for n in (main, REF, "flax.linen", "flax.nnx", "torch")
            if any(n in r.times for r in results)]
   headers = ["case", "shape", "floor ms"] + [f"{n} x" for n in names] + ["target", "met"]
   rows = []
   for r in results:
     ratios = [r.ratio(n, "floor") for n in names]
-    best = r.ratio(FAST, "floor") if FAST in r.times else r.ratio(main, "floor")
+    best = r.ratio(main, "floor")
     met = "-" if r.case.target is None or best is None else (
         "yes" if best <= r.case.target * 1.02 else "no")
     rows.append([r.case.name + ("" if r.case.dtype == "float32" else ""),
@@ -711,8 +644,8 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
   out = []
   head = header(args)
   out += ([f"- {h}" for h in head] if md else head) + [""]
-  out += ["Summary (time as a multiple of the floor; 'met' judges "
-          + (FAST if args.fast_path else "jaxnorm") + " against the issue's target):", ""]
+  out += ["Summary (time as a multiple of the floor; 'met' judges jaxnorm against "
+          "the issue's target):", ""]
   out += summary_table(results, md) + [""]
   out += ["Detail (XLA figures: compiled.cost_analysis() bytes accessed, "
           "compiled.memory_analysis() temporary bytes):", ""]
@@ -734,8 +667,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cases", default="", help="regular expression selecting cases by name")
   p.add_argument("--competitors", default=",".join(COMPETITORS),
                  help=f"comma-separated subset of {','.join(COMPETITORS)}")
-  p.add_argument("--fast-path", action="store_true",
-                 help=f"add '{FAST}': the custom-VJP path called directly")
   p.add_argument("--reference", action="store_true",
                  help=f"add '{REF}': jaxnorm with the custom-VJP path switched off")
   p.add_argument("--rounds", type=int, default=None, help="rounds per case (default 40; quick 6)")
@@ -780,8 +711,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if "floor" not in competitors:
     competitors.insert(0, "floor")
-  if args.fast_path:
-    competitors.append(FAST)
   if args.reference:
     competitors.append(REF)
   cases = select(args.cases)

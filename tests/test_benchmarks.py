@@ -26,7 +26,7 @@ def test_every_case_has_three_sizes_and_a_unique_name():
 
 def test_harness_produces_the_tables(capsys):
   pytest.importorskip("flax")
-  argv = ["--tiny", "--rounds", "2", "--max-seconds", "0", "--quiet", "--fast-path",
+  argv = ["--tiny", "--rounds", "2", "--max-seconds", "0", "--quiet", "--reference",
           "--cases", "layer_norm/fwd\\+bwd$|batch_norm/train/fwd/nhwc|group_norm/fwd\\+bwd",
           "--competitors", "floor,jaxnorm,flax.linen,flax.nnx,torch"]
   assert benchmarks.main(argv) == 0
@@ -34,7 +34,7 @@ def test_harness_produces_the_tables(capsys):
   assert "jaxnorm benchmarks" in out and "machine:" in out and "GLIBC_TUNABLES" in out
   for case in ("layer_norm/fwd+bwd", "batch_norm/train/fwd/nhwc", "group_norm/fwd+bwd/nhwc"):
     assert case in out
-  for name in ("floor", "jaxnorm", "flax.linen", "flax.nnx", benchmarks.FAST):
+  for name in ("floor", "jaxnorm", "flax.linen", "flax.nnx", benchmarks.REF):
     assert name in out
   assert "DIFFERS" not in out  # every competitor computed the same thing
   assert "XLA temp MiB" in out

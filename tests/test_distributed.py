@@ -5,7 +5,6 @@ concatenated batch on one device.  The 8 fake CPU devices come from conftest.py;
 a missing device fails the test (the `devices` fixture), never skips it.
 """
 
-import functools
 import os
 import socket
 import subprocess

@@ -216,10 +216,6 @@ def test_mask_not_boolean(name, dtype):
   raises(TypeError, lambda x: MASKED[name](x, w), "must be boolean", dtype, "astype\\(bool\\)")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: update_batch_stats does not validate its per-feature `where` (a float mask "
-    "is silently used as truthy; a wrong shape fails inside jnp.where, not with a jaxnorm "
-    "message)"))
 @pytest.mark.parametrize("where", [jnp.asarray([1.0, 0.5, 0, 0, 0, 0]), jnp.ones(2, bool)],
                          ids=["float", "shape"])
 def test_update_batch_stats_mask_validated(where):
@@ -279,9 +275,6 @@ def test_momentum_bounds_are_allowed(m):
   assert np.isfinite(np.asarray(new.var)).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: epsilon/momentum given as concrete JAX scalars (not tracers) are not checked; "
-    "check_nonnegative/check_momentum only look at numbers.Real"))
 @pytest.mark.parametrize("kw", [dict(epsilon=jnp.float32(-1.0)), dict(momentum=jnp.float32(2.0))],
                          ids=["epsilon", "momentum"])
 def test_concrete_array_hyperparameters_checked(kw):

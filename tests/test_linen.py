@@ -16,7 +16,7 @@ from flax import serialization
 import jaxnorm as jn
 from jaxnorm import linen as jnn
 
-from _frontend_reference import canon, group_norm64, max_err, moments64, norm64, shapes_dtypes
+from _frontend_reference import group_norm64, max_err, moments64, norm64, shapes_dtypes
 
 BF16 = jnp.bfloat16
 F32 = np.float32

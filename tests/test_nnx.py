@@ -76,22 +76,32 @@ def _pair(cls_name, nf, kwargs, **extra):
 
 
 def _core(cls_name, m, x):
-  """The functional core on the same (promoted) inputs as the module."""
+  """The functional core on the same inputs as the module, promoted the same way inside
+  one jit (as ``_call`` does: a cast inside or outside jit can fuse differently)."""
   val = lambda v: None if v is None else v[...]
   if cls_name == "BatchNorm":
-    x, _, _, scale, bias = nnx_dtypes.promote_dtype(
-        (x, m.mean[...], m.var[...], val(m.scale), val(m.bias)), dtype=m.dtype)
+    variables = (m.mean[...], m.var[...], val(m.scale), val(m.bias))
   elif cls_name == "RMSNorm":
-    (x, scale), bias = nnx_dtypes.promote_dtype((x, val(m.scale)), dtype=m.dtype), None
+    variables = (val(m.scale),)
   else:
-    x, scale, bias = nnx_dtypes.promote_dtype((x, val(m.scale), val(m.bias)), dtype=m.dtype)
+    variables = (val(m.scale), val(m.bias))
+  return jax.jit(functools.partial(_core_body, cls_name, m))(x, *variables)
+
+
+def _core_body(cls_name, m, x, *variables):
+  if cls_name == "BatchNorm":
+    x, mean, var, scale, bias = nnx_dtypes.promote_dtype((x, *variables), dtype=m.dtype)
+    mean, var = variables[:2]  # running averages keep their dtype
+  elif cls_name == "RMSNorm":
+    (x, scale), bias = nnx_dtypes.promote_dtype((x, *variables), dtype=m.dtype), None
+  else:
+    x, scale, bias = nnx_dtypes.promote_dtype((x, *variables), dtype=m.dtype)
   out_dtype = nnx_dtypes.canonicalize_dtype(x, scale, bias, dtype=m.dtype)
   eps = m.epsilon
   if cls_name == "BatchNorm":
-    stats = jn.BatchStats(m.mean[...], m.var[...])
-    return jax.jit(functools.partial(
-        jn.batch_norm, training=not m.use_running_average, feature_axes=m.axis,
-        momentum=m.momentum, epsilon=eps, dtype=out_dtype))(x, stats, scale, bias)
+    return jn.batch_norm(x, jn.BatchStats(mean, var), scale, bias,
+                         training=not m.use_running_average, feature_axes=m.axis,
+                         momentum=m.momentum, epsilon=eps, dtype=out_dtype)
   fshape = tuple(x.shape[a] for a in range(x.ndim)
                  if a in jn._axes.canonical_axes(getattr(m, "feature_axes", -1), x.ndim,
                                                  what="", fn=""))
@@ -110,7 +120,7 @@ def _core(cls_name, m, x):
   else:
     f = functools.partial(jn.instance_norm, feature_axes=m.feature_axes)
     args = (shaped(scale), shaped(bias))
-  return jax.jit(functools.partial(f, epsilon=eps, dtype=out_dtype))(x, *args)
+  return f(x, *args, epsilon=eps, dtype=out_dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -112,9 +112,6 @@ def test_large_offset_layer_norm(big):
     assert ours < e, f"jaxnorm ({ours:.3g}) does not beat {name} ({e:.3g})"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: with a mask that excludes the first slice along the first reduced axis, "
-    "_reference_value falls back to shift 0, i.e. the cancelling one-pass E[x^2]-E[x]^2"))
 @pytest.mark.parametrize("fn", ["batch_norm", "layer_norm"])
 def test_large_offset_masked(fn):
   rng = np.random.default_rng(1)
@@ -193,9 +190,6 @@ def test_constant_channel_normalizes_to_exactly_zero(value, dtype):
   np.testing.assert_array_equal(np.asarray(m.var), 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: a mask excluding the first slice makes the shift 0 (one-pass formula), so "
-    "a constant masked channel gets offset != value and is not normalized to exactly 0"))
 def test_constant_channel_masked_first_sample_out():
   x = np.full((6, 5, 4), 3.7, np.float32)
   w = np.ones((6, 1, 1), bool)
@@ -229,10 +223,6 @@ def test_low_precision_large_offset_keeps_variance(dtype, offset):
   R.assert_within(yl, rl.y, 2 * R.ulp(dtype) * np.abs(rl.y) + 1e-5, "layer_norm y")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: for bf16/f16 x the cotangents of the two x.astype(float32) casts (statistics "
-    "path and normalization path) are each rounded to x's dtype and summed there, so d/dx "
-    "loses ~1 ulp of |scale*g/sigma| to cancellation instead of 1 ulp of |d/dx|"))
 def test_low_precision_gradient_rounded_once():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)

@@ -1,7 +1,7 @@
 """The custom-VJP fast path (jaxnorm._vjp.standardize) equals the reference path.
 
 The reference is ``standardize_reference``: plain autodiff through
-``centered_moments`` and ``_scale_shift``.  Compared: outputs, batch statistics,
+``centered_moments`` and ``scale_shift``.  Compared: outputs, batch statistics,
 first- and second-order gradients (also through the statistics, as a running
 average update uses them), masks, the batch-norm fallback, FiLM-style parameters,
 non-contiguous (group norm) axes, ``axis_name`` under ``vmap`` with unequal
@@ -371,3 +371,19 @@ def test_shard_map_replicated_parameters_get_summed_gradients():
 
   for a, r in zip(grads(_vjp.standardize), grads(_vjp.standardize_reference)):
     _close(a, r, 2e-5)
+
+
+def test_plain_autodiff_gives_forward_mode():
+  """The custom VJP has no forward mode; ``jaxnorm.plain_autodiff()`` traces the
+  reference path, whose jvp equals the custom path's reverse-mode Jacobian."""
+  import jaxnorm as jn
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)), jnp.float32)
+  t = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5)), jnp.float32)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(jn.layer_norm, (x,), (t,))
+  with jn.plain_autodiff():
+    assert not _vjp.ENABLED
+    _, jvp = jax.jvp(jn.layer_norm, (x,), (t,))
+  assert _vjp.ENABLED  # restored
+  jac = jax.jacrev(jn.layer_norm)(x)  # (3, 5, 3, 5), through the custom VJP
+  _close(jvp, jnp.einsum("ijkl,kl->ij", jac, t), 1e-5)
