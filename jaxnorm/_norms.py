@@ -70,7 +70,7 @@ _COMMON_DOC = """
       any array of ``x``'s rank that broadcasts to it (per-sample FiLM/AdaLN).
     where: optional boolean mask broadcastable to ``x``: only True elements enter
       the statistics (all elements are normalized).  A group with no True element
-      gets mean 0 and variance 0.
+      has no statistics: its output is ``bias`` (0 without), with zero gradient.
     epsilon: added to the variance.
     axis_name, axis_index_groups: also reduce the statistics across these named
       device axes (e.g. sequence parallelism); sums and counts are reduced, so the
@@ -200,8 +200,8 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
     that was not NaN in the input, and no bad batch enters the running averages.
     (Compare ``new_stats`` with ``stats`` to detect it.)
   * ``"batch"``: use the batch statistics regardless, as flax does (a single
-    element normalizes to ``bias``; an empty batch uses mean 0 and variance 0; NaN
-    propagates into the running averages).
+    element normalizes to ``bias``, and so does an empty batch; NaN propagates into
+    the running averages).
 
   Args:
     x: floating input, any layout.

@@ -52,6 +52,20 @@ def stat_dtype(dtype) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def independent(*arrays: Array | None) -> tuple[Array | None, ...]:
+  """The same arrays through one ``optimization_barrier`` (``None`` passes through).
+
+  Expressions built from different outputs are not common subexpressions, so each
+  full-size pass fuses its own ``x - shift`` or bf16-to-float32 convert, where XLA:CPU
+  would otherwise materialise one shared full-size array for several passes to
+  read.  Nothing is copied.  (One barrier for all copies: separate barriers on the
+  same value would be merged.)
+  """
+  present = [a for a in arrays if a is not None]
+  out = iter(lax.optimization_barrier(tuple(present)) if present else ())
+  return tuple(None if a is None else next(out) for a in arrays)
+
+
 def _count(where: Array | None, x_shape, axes, keep_shape, dtype) -> Array:
   """Number of included elements per statistic, without broadcasting the mask to x."""
   if where is None:
@@ -120,8 +134,9 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
   agrees on the shift ``k`` across devices, then one of ``[sum, sum_sq, count]``).
   """
   dtype = stat_dtype(x.dtype)
-  xf = x.astype(dtype)
   keep_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+  # bf16/f16: each pass converts x itself (see ``independent``)
+  x_ref, x1, x2 = independent(x, x, x) if x.dtype != dtype else (x, x, x)
 
   def all_reduce(v):
     if axis_name is None:
@@ -139,28 +154,38 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
           "axis_name='batch'.") from e
 
   if center:
-    ref, ref_n = _reference_value(xf, axes, where, keep_shape)
+    ref, ref_n = _reference_value(x_ref.astype(dtype), axes, where, keep_shape)
     if axis_name is not None:  # every device must shift by the same value
       tot, n = all_reduce(jnp.stack([ref * ref_n, ref_n]))
       ref = tot / jnp.maximum(n, 1)
     shift = lax.stop_gradient(ref)
-    xc = xf - shift
   else:
     shift = jnp.zeros(keep_shape, dtype)
-    xc = xf
-  if where is not None:
-    xc = jnp.where(where, xc, 0)
-  s1 = jnp.sum(xc, axis=axes, keepdims=True)
-  s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
+
+  # Each sum gets its own copy of the shift: with one shared ``x - shift``, XLA:CPU
+  # materialises it as a full-size array that both reductions read.
+  k1, k2 = independent(shift, shift) if center else (None, None)
+
+  def sum_of(f, x, k):
+    """``sum(f(x - k))`` over the included elements."""
+    v = x.astype(dtype) - k if center else x.astype(dtype)
+    v = v if where is None else jnp.where(where, v, 0)  # before f: excluded inf/NaN
+    return jnp.sum(f(v), axis=axes, keepdims=True)      # get no NaN gradient
+
+  s2 = sum_of(jnp.square, x2, k2)
+  s1 = sum_of(lambda v: v, x1, k1) if center else None
   n = _count(where, x.shape, axes, keep_shape, dtype)
   if axis_name is not None:
-    s1, s2, n = all_reduce(jnp.stack([s1, s2, n]))
+    if center:
+      s1, s2, n = all_reduce(jnp.stack([s1, s2, n]))
+    else:
+      s2, n = all_reduce(jnp.stack([s2, n]))
   n_safe = jnp.where(n > 0, n, 1)  # also keeps gradients finite when n == 0
   if center:
     offset = s1 / n_safe
     var = jnp.maximum(s2 / n_safe - offset * offset, 0)
   else:
-    offset = jnp.zeros_like(s1)
+    offset = jnp.zeros_like(s2)
     var = s2 / n_safe
   return Centered(shift=shift, offset=offset, var=var, count=n)
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._stats import Centered, centered_moments, stat_dtype
+from ._stats import Centered, centered_moments, independent, stat_dtype
 from ._types import Array, AxisName, DType
 
 ENABLED = True
@@ -140,11 +140,14 @@ def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None =
   ``x`` is cast to the statistics dtype once, so a bf16/f16 ``x`` gets its
   gradient accumulated in float32 and rounded once.
   """
-  xf = x.astype(stat_dtype(x.dtype))
+  cdtype = stat_dtype(x.dtype)
+  xf = x.astype(cdtype)
   batch = centered_moments(xf, axes, where=where, axis_name=axis_name,
                            axis_index_groups=axis_index_groups, center=center)
   used, usable = with_fallback(batch, fallback)
-  return scale_shift(xf, used, scale, bias, epsilon, dtype or x.dtype), batch, usable
+  rstd = inverse_std(used, usable, jnp.asarray(epsilon, cdtype))
+  y = affine(xf, used.shift, used.offset, rstd, scale, bias, jnp.dtype(dtype or x.dtype))
+  return y, batch, usable
 
 
 def with_fallback(batch: Centered, fallback: tuple[Array, Array] | None
@@ -160,6 +163,14 @@ def with_fallback(batch: Centered, fallback: tuple[Array, Array] | None
                   offset=jnp.where(usable, batch.offset, 0),
                   var=jnp.where(usable, batch.var, rv), count=batch.count)
   return used, usable
+
+
+def inverse_std(used: Centered, usable: Array | None, eps: Array) -> Array:
+  """``rsqrt(var + eps)`` of the statistics used; 0 for a group with no included
+  element (and no fallback), so that its output is ``bias`` -- not ``x / sqrt(eps)``,
+  which overflows float16 -- with zero gradient."""
+  rstd = lax.rsqrt(used.var + eps)
+  return rstd if usable is not None else jnp.where(used.count > 0, rstd, 0)
 
 
 def scale_shift(x: Array, stats: Centered, scale: Array | None, bias: Array | None,
@@ -231,15 +242,6 @@ def _psum_transpose(cfg: _Config, ct: Array, like: Array) -> Array:
   return lax.psum(ct, varying) if varying else ct
 
 
-def _fresh(*small: Array | None):
-  """The same small arrays, opaque to XLA: a full-size expression built from them is
-  not a common subexpression of one built from the originals, so each full-size
-  pass fuses its own ``x - shift`` instead of sharing one materialised array."""
-  present = [a for a in small if a is not None]
-  out = iter(lax.optimization_barrier(tuple(present)) if present else ())
-  return tuple(None if a is None else next(out) for a in small)
-
-
 def _sum_to(v: Array, shape: tuple[int, ...]) -> Array:
   """Sums ``v`` down to ``shape`` (the shape it was broadcast from)."""
   lead = v.ndim - len(shape)  # a parameter of lower rank broadcasts from the right
@@ -300,12 +302,14 @@ def _moments(cfg: _Config, x, where) -> tuple[Centered, Array]:
 def _statistics(cfg: _Config, x, where, rm, rv, eps):
   batch, fine_shift = _moments(cfg, x, where)
   used, usable = with_fallback(batch, None if rm is None else (rm, rv))
-  return batch, usable, fine_shift, (used.shift, used.offset, lax.rsqrt(used.var + eps))
+  return batch, usable, fine_shift, (used.shift, used.offset, inverse_std(used, usable, eps))
 
 
 def _outputs(cfg, x, scale, bias, where, rm, rv, eps):
-  batch, usable, fine_shift, (k_u, d_u, rstd_u) = _statistics(cfg, x, where, rm, rv, eps)
-  y = affine(x, k_u, d_u, rstd_u, scale, bias, cfg.out_dtype)
+  x_stats, x_out = independent(x, x)  # bf16/f16: each pass converts x itself
+  batch, usable, fine_shift, (k_u, d_u, rstd_u) = _statistics(cfg, x_stats, where, rm, rv,
+                                                              eps)
+  y = affine(x_out, k_u, d_u, rstd_u, scale, bias, cfg.out_dtype)
   return (y, *batch, usable), (batch, usable, fine_shift, k_u, d_u, rstd_u)
 
 
@@ -327,14 +331,21 @@ def _bwd(cfg, residuals, cts):
   cdtype = stat_dtype(x.dtype)
   s = None if scale is None else scale.astype(cdtype)
 
-  xf = x.astype(cdtype)
-  gf = g.astype(cdtype)
+  # bf16/f16: every full-size pass converts x and g itself (see ``independent``); a
+  # shared float32 copy would be materialised.
+  low = x.dtype != cdtype or g.dtype != cdtype
+  copies = independent(*(x, g) * 5) if low else ()
+  copies = iter(zip(copies[0::2], copies[1::2]))
+
+  def fresh_xg():
+    x_, g_ = next(copies) if low else (x, g)
+    return x_.astype(cdtype), g_.astype(cdtype)
 
   def flat(p, ax):  # p does not vary along axis ax of x
     ax -= x.ndim - (0 if p is None else p.ndim)
     return p is None or ax < 0 or p.shape[ax] == 1
 
-  def centred(k_, d_):  # x - mean, fused into whichever pass uses it
+  def centred(xf, k_, d_):  # x - mean, fused into whichever pass uses it
     return (xf - k_) - d_ if cfg.center else xf
 
   def reduce(v, axes):
@@ -346,22 +357,23 @@ def _bwd(cfg, residuals, cts):
   rest = tuple(ax for ax in cfg.axes if ax not in q)
   # t2 = sum_q(g * (x - k - d)), centred on the finest shift kf (constant along q:
   # per channel for group norm, faster to reduce) and corrected by (kf - k - d) * t1.
-  t1 = reduce(gf, q)
+  t1 = reduce(fresh_xg()[1], q)
   if any(kf.shape[a] != 1 for a in q):  # the finest shift must be constant along q
     kf = k
+  xf, gf = fresh_xg()
   if not cfg.center:
     t2 = reduce(gf * xf, q)
   elif q:
-    (kfq,) = _fresh(kf)
+    (kfq,) = independent(kf)
     t2 = reduce(gf * (xf - kfq), q) + ((kf - k) - d) * t1
   else:
-    kq, dq = _fresh(k, d)
-    t2 = gf * centred(kq, dq)
+    kq, dq = independent(k, d)
+    t2 = gf * centred(xf, kq, dq)
   # a1 = sum_R(g * scale), a2 = sum_R(g * scale * (x - mean)), on this device.
   if s is None:
     a1, a2 = reduce(t1, rest), reduce(t2, rest)
   else:
-    (s1,) = _fresh(s)
+    (s1,) = independent(s)
     a1, a2 = reduce(t1 * s1, rest), reduce(t2 * s, rest)
   # ... and over every device holding part of the group (one all-reduce).  The
   # cotangents of the global statistics go back through the transpose of that
@@ -390,9 +402,10 @@ def _bwd(cfg, residuals, cts):
   if cfg.center:
     c0 = c0 + ct_dg
   inv_n = 1 / jnp.where(n > 0, n, 1)
-  kx, dx_, c0x, c1x, inv_nx, rstdx, sx = _fresh(k, d, c0, c1, inv_n, rstd_u, s)
+  kx, dx_, c0x, c1x, inv_nx, rstdx, sx = independent(k, d, c0, c1, inv_n, rstd_u, s)
+  xf, gf = fresh_xg()
   direct = gf * rstdx if s is None else gf * (sx * rstdx)
-  corr = (c0x + c1x * centred(kx, dx_)) if cfg.center else c1x * xf
+  corr = (c0x + c1x * centred(xf, kx, dx_)) if cfg.center else c1x * xf
   corr = corr * inv_nx
   if where is not None:
     corr = jnp.where(where, corr, 0)
@@ -406,11 +419,12 @@ def _bwd(cfg, residuals, cts):
       t2u = t2 if delta is None else t2 + delta * t1
       dscale = _sum_to(t2u * rstd_u, scale.shape)
     else:
-      kb, db, rb = _fresh(k_u, d_u, rstd_u)
+      kb, db, rb = independent(k_u, d_u, rstd_u)
+      xf, gf = fresh_xg()
       dscale = _sum_to(gf * (((xf - kb) - db) * rb if cfg.center else xf * rb), scale.shape)
     dscale = dscale.astype(scale.dtype)
   if bias is not None:
-    dbias = _sum_to(t1, bias.shape).astype(bias.dtype)
+    dbias = _sum_to(t1 if q else fresh_xg()[1], bias.shape).astype(bias.dtype)
 
   # Epsilon and the fallback statistics (per group, this device's sums).
   a2u = a2 if delta is None else a2 + delta * a1

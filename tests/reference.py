@@ -97,8 +97,11 @@ def mean_square(x, axes, where=None, xp=np) -> Stats:
   return Stats(xp.zeros_like(ms), ms, n)
 
 
-def standardize(x, mean, var, epsilon, xp=np):
-  return (xp.asarray(x).astype(F64) - mean) / xp.sqrt(var + epsilon)
+def standardize(x, mean, var, epsilon, xp=np, count=None):
+  """``(x - mean) / sqrt(var + epsilon)``; 0 where ``count == 0`` (a group with no
+  included element outputs ``bias``)."""
+  z = (xp.asarray(x).astype(F64) - mean) / xp.sqrt(var + epsilon)
+  return z if count is None else xp.where(count > 0, z, 0.0)
 
 
 class Out(NamedTuple):
@@ -123,7 +126,7 @@ def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1, 
   x = xp.asarray(x).astype(F64)
   feat = canon(feature_axes, x.ndim)
   s = moments(x, reduction_axes, where, xp)
-  z = standardize(x, s.mean, s.var, epsilon, xp)
+  z = standardize(x, s.mean, s.var, epsilon, xp, s.count)
   y = affine(z, per_feature(scale, x.shape, feat, xp), per_feature(bias, x.shape, feat, xp))
   return Out(y, s.mean, s.var, s.count)
 
@@ -133,7 +136,8 @@ def rms_norm(x, scale=None, *, reduction_axes=-1, feature_axes=-1, where=None, e
   x = xp.asarray(x).astype(F64)
   feat = canon(feature_axes, x.ndim)
   s = mean_square(x, reduction_axes, where, xp)
-  y = affine(x / xp.sqrt(s.var + epsilon), per_feature(scale, x.shape, feat, xp), None)
+  z = standardize(x, s.mean, s.var, epsilon, xp, s.count)
+  y = affine(z, per_feature(scale, x.shape, feat, xp), None)
   return Out(y, s.mean, s.var, s.count)
 
 
@@ -163,7 +167,7 @@ def group_norm(x, scale=None, bias=None, *, num_groups=None, group_size=None,
   # axis a != c sits at a (a < c) or a - 1 (a > c) after moveaxis; then G and C/G
   red_s = tuple(a if a < c else a - 1 for a in red if a != c) + (nd,)
   s = moments(xs, red_s, ws, xp)
-  zs = standardize(xs, s.mean, s.var, epsilon, xp)
+  zs = standardize(xs, s.mean, s.var, epsilon, xp, s.count)
   back = lambda a: xp.moveaxis(xp.broadcast_to(a, xs.shape).reshape(xs.shape[:-2] + (C,)), -1, c)
   z = back(zs)
   y = affine(z, per_feature(scale, x.shape, (c,), xp), per_feature(bias, x.shape, (c,), xp))
@@ -221,7 +225,7 @@ def batch_norm(x, run_mean, run_var, scale=None, bias=None, *, training, feature
     usable = xp.ones(bshape, bool)
   m = xp.where(usable, s.mean, rm)
   v = xp.where(usable, s.var, rv)
-  y = affine(standardize(x, m, v, epsilon, xp), sc, bi)
+  y = affine(standardize(x, m, v, epsilon, xp, xp.where(usable, s.count, 1.0)), sc, bi)
   new_mean, new_var = update_batch_stats(
       rm, rv, s.mean, s.var, s.count, momentum=momentum,
       where=usable if degenerate == "running" else None, unbiased_var=unbiased_var, xp=xp)

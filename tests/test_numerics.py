@@ -150,11 +150,37 @@ def test_variance_never_negative(dtype):
         assert (v >= 0).all() and np.isfinite(v).all(), (axis, v.min())
       y, _ = jn.batch_norm(xj, jn.init_batch_stats(16), training=True, where=w)
       assert np.isfinite(np.asarray(y, np.float32)).all()
-      # a fully masked row is documented to get mean 0 and variance 0, i.e. x / sqrt(eps),
-      # which may overflow float16: only rows with included elements must stay finite
-      rows = R.full_mask(w, x.shape).any(axis=1)
+      # also fully masked rows: they output bias (0), not x / sqrt(eps) (inf in float16)
       y = np.asarray(jn.layer_norm(xj, where=w), np.float32)
-      assert np.isfinite(y[rows]).all()
+      assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("fn", ["layer_norm", "rms_norm", "group_norm", "batch_norm"])
+def test_empty_group_outputs_bias_with_zero_gradient(fn, dtype):
+  """A group with no included element has no statistics: it outputs bias, and x gets
+  no gradient through it (batch norm: with degenerate="batch"; the default uses the
+  running averages, tested below)."""
+  x = jnp.asarray(1e3 + np.random.default_rng(0).standard_normal((4, 6)), dtype)
+  w = jnp.asarray([[True], [False], [True], [True]])  # row 1 excluded
+  b = jnp.asarray(np.arange(6) * 0.5, dtype)
+  s = jnp.asarray(np.arange(6) + 1.0, dtype)
+  call = {
+      "layer_norm": lambda x, s: jn.layer_norm(x, s, b, where=w),
+      "rms_norm": lambda x, s: jn.rms_norm(x, s, where=w) + b[None],
+      "group_norm": lambda x, s: jn.group_norm(x, s, b, num_groups=2, where=w),
+      "batch_norm": lambda x, s: jn.batch_norm(x, jn.init_batch_stats(6), s, b,
+                                               training=True, where=False,
+                                               degenerate="batch")[0],
+  }[fn]
+  rows = slice(None) if fn == "batch_norm" else 1  # batch norm: every feature is empty
+  y = call(x, s)
+  np.testing.assert_array_equal(np.asarray(y)[rows], np.broadcast_to(b, y.shape)[rows])
+  dx, ds = jax.grad(lambda x, s: jnp.sum(call(x, s).astype(jnp.float32) ** 2), (0, 1))(x, s)
+  np.testing.assert_array_equal(np.asarray(dx)[rows], 0)
+  if fn == "batch_norm":
+    np.testing.assert_array_equal(np.asarray(ds), 0)
+  assert np.isfinite(np.asarray(dx, np.float32)).all()
 
 
 # ----------------------------------------------------------------------------- constant input
