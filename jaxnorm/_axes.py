@@ -44,15 +44,6 @@ def other_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
   return tuple(a for a in range(ndim) if a not in axes)
 
 
-def check_disjoint(reduction_axes, feature_axes, *, fn: str) -> None:
-  overlap = sorted(set(reduction_axes) & set(feature_axes))
-  if overlap:
-    raise ValueError(
-        f"{fn}: feature_axes {feature_axes} overlap reduction_axes {reduction_axes} "
-        f"at {overlap}. A feature axis gets one scale/bias per entry, so statistics cannot "
-        "also be reduced over it; remove it from one of the two.")
-
-
 def check_floating(x: Any, *, fn: str, name: str = "x") -> Array:
   x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
   if not jnp.issubdtype(x.dtype, jnp.floating):
