@@ -67,8 +67,10 @@ def plain_autodiff():
   applied to the normalizer itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``).
   This block gives the same values (up to rounding) through ordinary JAX autodiff,
   which supports every transformation, at the reference path's speed.  It applies
-  to functions *traced* inside the block; a jitted function already compiled keeps
-  the path it was traced with.
+  to functions *traced* inside the block.  JAX's tracing cache does not know about
+  the switch: a function already traced (``jax.jit(f)`` called before, even through
+  a new ``jax.jit`` wrapper of the same ``f``) keeps its path; trace a new function
+  object (e.g. a new ``lambda``) inside the block.
 
   >>> import jax, jax.numpy as jnp, jaxnorm as jn
   >>> with jn.plain_autodiff():

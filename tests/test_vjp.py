@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import jaxnorm as jn
 from jaxnorm import _vjp
 
 # name: (x shape, reduced axes, scale shape, bias shape, center, mask shape or None)
@@ -376,7 +377,6 @@ def test_shard_map_replicated_parameters_get_summed_gradients():
 def test_plain_autodiff_gives_forward_mode():
   """The custom VJP has no forward mode; ``jaxnorm.plain_autodiff()`` traces the
   reference path, whose jvp equals the custom path's reverse-mode Jacobian."""
-  import jaxnorm as jn
   x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)), jnp.float32)
   t = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5)), jnp.float32)
   with pytest.raises(TypeError, match="forward-mode"):
@@ -387,3 +387,33 @@ def test_plain_autodiff_gives_forward_mode():
   assert _vjp.ENABLED  # restored
   jac = jax.jacrev(jn.layer_norm)(x)  # (3, 5, 3, 5), through the custom VJP
   _close(jvp, jnp.einsum("ijkl,kl->ij", jac, t), 1e-5)
+
+
+MEMORY_CASES = {  # (x shape, normalizer); XLA:CPU sizes its fusions by shape, so full size
+    "layer_norm": ((4096, 1024), lambda x, s, b: jn.layer_norm(x, s, b)),
+    "rms_norm": ((4096, 1024), lambda x, s, b: jn.rms_norm(x, s)),
+    "batch_norm": ((64, 16, 16, 128), lambda x, s, b: jn.batch_norm(
+        x, jn.init_batch_stats(128), s, b, training=True)[0]),
+    "group_norm": ((64, 16, 16, 128), lambda x, s, b: jn.group_norm(x, s, b, num_groups=32)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(MEMORY_CASES))
+def test_forward_backward_has_no_full_size_temporary(name, dtype):
+  """Compiled (never run) ``jax.grad`` of ``sum(y * g)`` w.r.t. x, scale and bias, as
+  the benchmarks time it: XLA's temporaries stay far below one input-sized array.  Plain autodiff of the same statistics
+  (``plain_autodiff``) needs 2-8 input-sized temporaries here on XLA:CPU: saved
+  normalized copies and float32 copies of bf16 inputs."""
+  shape, fn = MEMORY_CASES[name]
+  c = shape[-1]
+  spec = jax.ShapeDtypeStruct
+  args = (spec(shape, dtype), spec((c,), jnp.float32), spec((c,), jnp.float32), spec(shape, dtype))
+
+  def loss(x, s, b, g):
+    return jnp.sum(fn(x, s, b).astype(jnp.float32) * g.astype(jnp.float32))
+
+  compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  x_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+  assert temp < x_bytes / 8, f"{temp / 2**20:.1f} MiB of temporaries for a {x_bytes / 2**20:.0f} MiB x"
