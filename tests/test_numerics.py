@@ -6,6 +6,8 @@ Run with ``-s`` to see the measured errors (they are worth quoting in docs).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,12 +157,13 @@ def test_variance_never_negative(dtype):
       assert np.isfinite(y).all()
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["custom_vjp", "plain_autodiff"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("fn", ["layer_norm", "rms_norm", "group_norm", "batch_norm"])
-def test_empty_group_outputs_bias_with_zero_gradient(fn, dtype):
+def test_empty_group_outputs_bias_with_zero_gradient(fn, dtype, plain):
   """A group with no included element has no statistics: it outputs bias, and x gets
   no gradient through it (batch norm: with degenerate="batch"; the default uses the
-  running averages, tested below)."""
+  running averages, tested below).  Both autodiff paths."""
   x = jnp.asarray(1e3 + np.random.default_rng(0).standard_normal((4, 6)), dtype)
   w = jnp.asarray([[True], [False], [True], [True]])  # row 1 excluded
   b = jnp.asarray(np.arange(6) * 0.5, dtype)
@@ -174,9 +177,10 @@ def test_empty_group_outputs_bias_with_zero_gradient(fn, dtype):
                                                degenerate="batch")[0],
   }[fn]
   rows = slice(None) if fn == "batch_norm" else 1  # batch norm: every feature is empty
-  y = call(x, s)
+  with jn.plain_autodiff() if plain else contextlib.nullcontext():  # eager: traced anew
+    y = call(x, s)
+    dx, ds = jax.grad(lambda x, s: jnp.sum(call(x, s).astype(jnp.float32) ** 2), (0, 1))(x, s)
   np.testing.assert_array_equal(np.asarray(y)[rows], np.broadcast_to(b, y.shape)[rows])
-  dx, ds = jax.grad(lambda x, s: jnp.sum(call(x, s).astype(jnp.float32) ** 2), (0, 1))(x, s)
   np.testing.assert_array_equal(np.asarray(dx)[rows], 0)
   if fn == "batch_norm":
     np.testing.assert_array_equal(np.asarray(ds), 0)
