@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import Array, Axes, BatchStats, Shape
+from ._types import Array, Axes, BatchStats, CountedBatchStats, Shape
 
 
 def canonical_axes(axes: Axes, ndim: int, *, what: str, fn: str) -> tuple[int, ...]:
@@ -25,6 +25,9 @@ def canonical_axes(axes: Axes, ndim: int, *, what: str, fn: str) -> tuple[int, .
     axes = tuple(axes)
   except TypeError:
     raise TypeError(f"{fn}: {what} must be an int or a sequence of ints, got {axes!r}.") from None
+  if ndim == 0 and axes:
+    raise ValueError(f"{fn}: the input is a scalar (rank 0), so it has no axis to use as "
+                     f"{what} {axes!r}. Normalization needs an array with at least one axis.")
   out = []
   for a in axes:
     if not isinstance(a, (numbers.Integral, np.integer)) or isinstance(a, bool):
@@ -44,12 +47,43 @@ def other_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
   return tuple(a for a in range(ndim) if a not in axes)
 
 
-def check_floating(x: Any, *, fn: str, name: str = "x") -> Array:
+_COMPLEX_FUNCTIONS = ("jaxnorm.moments, normalize, batch_norm, layer_norm, rms_norm, group_norm, "
+                      "instance_norm and their linen/nnx modules")
+
+
+def check_floating(x: Any, *, fn: str, name: str = "x", allow_complex: bool = False) -> Array:
+  """``x`` as an array of a floating dtype (or complex, where ``allow_complex``).
+
+  The suggested fixes never lose data: a complex array is never told to cast to a
+  real dtype, and an integer one is pointed at a dtype that holds it exactly.
+  """
   x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    if allow_complex:
+      return x
     raise TypeError(
-        f"{fn}: {name} must be a floating array (bf16, f16, f32, f64), got dtype {x.dtype}. "
-        f"Cast it first, e.g. {name}.astype(jnp.float32).")
+        f"{fn}: {name} is complex ({x.dtype}), which {fn} does not support; casting it to a "
+        f"real dtype would drop the imaginary part. Complex inputs are supported by "
+        f"{_COMPLEX_FUNCTIONS}. Here, pass the real and imaginary parts as separate "
+        f"features instead, e.g. jnp.concatenate([{name}.real, {name}.imag], axis=-1).")
+  kinds = ("bf16, f16, f32, f64, complex64, complex128" if allow_complex
+           else "bf16, f16, f32, f64")
+  if jnp.dtype(x.dtype).itemsize <= 2:  # bool, (u)int8, (u)int16: float32 is exact
+    fix = f"Cast it first: {name}.astype(jnp.float32) holds every {x.dtype} value exactly."
+  else:
+    fix = (f"Cast it first: {name}.astype(jnp.float32) holds {x.dtype} values exactly up "
+           f"to 2**24 in magnitude; for larger values use {name}.astype(jnp.float64) "
+           "(with jax.config.update('jax_enable_x64', True)).")
+  raise TypeError(f"{fn}: {name} must be a floating array ({kinds}), got dtype {x.dtype}. "
+                  + fix)
+
+
+def check_real(x: Array, *, fn: str, name: str, why: str) -> Array:
+  """Rejects a complex ``x`` where the math needs a real value (e.g. a variance)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(f"{fn}: {name} must be real, got dtype {x.dtype}: {why}")
   return x
 
 
@@ -105,7 +139,7 @@ def _broadcasts(shape: Shape, target: Shape) -> bool:
 
 
 def per_feature(p: Any, *, name: str, x_shape: Shape, feature_axes: tuple[int, ...],
-                fn: str) -> Array | None:
+                fn: str, allow_complex: bool = False) -> Array | None:
   """Lays out a scale/bias/statistic for broadcasting against ``x``.
 
   Accepted: ``None``; an array of the feature shape (one entry per feature); or an
@@ -113,7 +147,7 @@ def per_feature(p: Any, *, name: str, x_shape: Shape, feature_axes: tuple[int, .
   """
   if p is None:
     return None
-  p = check_floating(p, fn=fn, name=name)
+  p = check_floating(p, fn=fn, name=name, allow_complex=allow_complex)
   fshape = feature_shape(x_shape, feature_axes)
   if p.shape == fshape:
     return p.reshape(broadcast_shape(x_shape, feature_axes))
@@ -150,27 +184,63 @@ def check_mask(where: Any, x_shape: Shape, *, fn: str, target: str = "input") ->
 
 
 def check_batch_stats(stats: Any, x_shape: Shape, feature_axes: tuple[int, ...], *,
-                      fn: str) -> BatchStats:
-  if not isinstance(stats, BatchStats):
-    if isinstance(stats, tuple) and len(stats) == 2:
-      stats = BatchStats(*stats)
-    else:
-      raise TypeError(f"{fn}: stats must be a jaxnorm.BatchStats(mean, var), got "
-                      f"{type(stats).__name__}. Create one with jaxnorm.init_batch_stats"
-                      f"({feature_shape(x_shape, feature_axes)}).")
+                      fn: str) -> BatchStats | CountedBatchStats:
+  """Running averages of the input's feature shape, returned with their own type.
+
+  Only ``BatchStats`` and ``CountedBatchStats`` are accepted: a plain tuple would
+  come back as a different pytree type and break a ``lax.scan``/``lax.cond`` carry.
+  """
   fshape = feature_shape(x_shape, feature_axes)
+  if not isinstance(stats, (BatchStats, CountedBatchStats)):
+    what = (f"a {type(stats).__name__} of length {len(stats)}"
+            if isinstance(stats, (tuple, list)) else type(stats).__name__)
+    raise TypeError(f"{fn}: stats must be a jaxnorm.BatchStats(mean, var) (or a "
+                    f"jaxnorm.CountedBatchStats(mean, var, count)), got {what}. The state "
+                    f"comes back with the type it went in with, so wrap it: "
+                    f"jaxnorm.BatchStats(mean, var), or create one with "
+                    f"jaxnorm.init_batch_stats({fshape}).")
   for name, v in zip(stats._fields, stats):
     v = jnp.asarray(v) if not isinstance(v, jax.Array) else v
+    if name == "count":
+      bad = (ValueError if tuple(v.shape) != fshape else
+             TypeError if not jnp.issubdtype(v.dtype, jnp.integer) else None)
+      if bad is not None:
+        raise bad(
+            f"{fn}: the update count must be an integer array of the feature shape {fshape}, "
+            f"got dtype {v.dtype} and shape {tuple(v.shape)}. Create the state with "
+            f"jaxnorm.init_batch_stats({fshape}, counted=True).")
+      continue
     if tuple(v.shape) != fshape:
       raise ValueError(
           f"{fn}: running {name} has shape {tuple(v.shape)}, but the input "
           f"{tuple(x_shape)} with feature axes {feature_axes} has features of shape {fshape}. "
           f"Check `feature_axes` (the layout) or re-create the state with "
           f"jaxnorm.init_batch_stats({fshape}).")
-    if not jnp.issubdtype(v.dtype, jnp.floating):
+    if not jnp.issubdtype(v.dtype, jnp.inexact):  # complex: see check_complex_stats
       raise TypeError(f"{fn}: running {name} must be floating, got dtype {v.dtype}. "
                       "Re-create the state with jaxnorm.init_batch_stats (float32 by default).")
-  return BatchStats(*(jnp.asarray(v) for v in stats))
+  return type(stats)(*(jnp.asarray(v) for v in stats))
+
+
+def check_complex_stats(stats: BatchStats, x_dtype: Any, *, fn: str) -> None:
+  """Running averages that fit a real or complex input: the variance ``E|x - mean|^2``
+  is always real; the mean is complex exactly when ``x`` is."""
+  fix = ("Create the state with jaxnorm.init_batch_stats(shape, dtype=jnp.complex64) "
+         "(complex mean, float32 variance)")
+  if jnp.issubdtype(stats.var.dtype, jnp.complexfloating):
+    raise TypeError(f"{fn}: the running var must be real (the variance E|x - mean|^2 of complex "
+                    f"data is real), got dtype {stats.var.dtype}. {fix}.")
+  x_complex = jnp.issubdtype(x_dtype, jnp.complexfloating)
+  mean_complex = jnp.issubdtype(stats.mean.dtype, jnp.complexfloating)
+  if x_complex and not mean_complex:
+    raise TypeError(f"{fn}: the input is complex ({jnp.dtype(x_dtype)}) but the running mean is "
+                    f"real ({stats.mean.dtype}): updating it would drop the imaginary part. "
+                    f"{fix}, or widen the mean: stats._replace(mean=stats.mean.astype("
+                    "jnp.complex64)).")
+  if mean_complex and not x_complex:
+    raise TypeError(f"{fn}: the running mean is complex ({stats.mean.dtype}) but the input is "
+                    f"real ({jnp.dtype(x_dtype)}). Use real running averages "
+                    "(jaxnorm.init_batch_stats(shape)) for a real input.")
 
 
 def check_groups(channels: int, num_groups: int | None, group_size: int | None, *,
@@ -194,6 +264,16 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0][:16]
 
 
+def check_out_dtype(dtype: Any, x_dtype: Any, *, fn: str) -> None:
+  """A requested output dtype must not drop the imaginary part of a complex result."""
+  if (dtype is not None and jnp.issubdtype(x_dtype, jnp.complexfloating)
+      and not jnp.issubdtype(dtype, jnp.complexfloating)):
+    raise TypeError(f"{fn}: the output is complex (the input or its statistics/scale/bias are "
+                    f"{jnp.dtype(x_dtype)}), but dtype={jnp.dtype(dtype)} is real and would drop "
+                    "the imaginary part. Pass a complex dtype (or none), and take y.real or "
+                    "jnp.abs(y) yourself if that is what you want.")
+
+
 def check_choice(value: Any, choices: Sequence[str], *, fn: str, name: str) -> str:
   if value not in choices:
     raise ValueError(f"{fn}: {name} must be one of {list(choices)}, got {value!r}.")
@@ -202,3 +282,30 @@ def check_choice(value: Any, choices: Sequence[str], *, fn: str, name: str) -> s
 
 def size(shape: Shape, axes: Sequence[int]) -> int:
   return math.prod(shape[a] for a in axes)
+
+
+def check_num_features(num_features: int, x_shape: Shape, feature_axes: tuple[int, ...], *,
+                       fn: str, field: str) -> tuple[int, ...]:
+  """The feature shape of ``x``, checked against the ``num_features`` a module was built with."""
+  fshape = feature_shape(x_shape, feature_axes)
+  if math.prod(fshape) != num_features:
+    cls = fn.rsplit(".", 1)[-1]
+    raise ValueError(
+        f"{fn}: this module was built with num_features={num_features}, but the input of "
+        f"shape {tuple(x_shape)} has {math.prod(fshape)} features along {field}="
+        f"{feature_axes} (feature shape {fshape}). Build it with {cls}({math.prod(fshape)}, "
+        f"...), or check `{field}` (NHWC has the features at -1, NCHW at 1).")
+  return fshape
+
+
+def check_counted(stats: Any, momentum: Any, debias: bool, *, fn: str) -> None:
+  """``momentum=None`` and ``debias=True`` need a state that counts its updates."""
+  if not isinstance(debias, (bool, np.bool_)):
+    raise TypeError(f"{fn}: debias must be a Python bool, got {debias!r}.")
+  if (momentum is None or debias) and not isinstance(stats, CountedBatchStats):
+    option = "momentum=None (cumulative average)" if momentum is None else "debias=True"
+    raise TypeError(
+        f"{fn}: {option} weights each update by the number of earlier updates, so the state "
+        f"must carry a count: got {type(stats).__name__}. Create it with "
+        f"jaxnorm.init_batch_stats(shape, counted=True), or convert with "
+        f"jaxnorm.CountedBatchStats(mean, var, count=jnp.zeros(mean.shape, jnp.int32)).")

@@ -30,7 +30,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from . import _axes
-from ._types import Array, Axes, AxisName, BatchStats, Moments
+from ._types import Array, Axes, AxisName, BatchStats, CountedBatchStats, Moments
 
 
 class Centered(NamedTuple):
@@ -48,8 +48,22 @@ class Centered(NamedTuple):
 
 
 def stat_dtype(dtype) -> Any:
-  """Statistics are computed in at least float32 (float64 stays float64)."""
+  """Statistics are computed in at least float32 (float64 stays float64, complex64
+  and complex128 stay complex)."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype) -> Any:
+  """The real dtype of ``dtype``'s values: float32 for complex64, else ``dtype`` itself.
+  Variances and counts are real also for complex data."""
+  return jnp.finfo(dtype).dtype
+
+
+def abs_sq(v: Array) -> Array:
+  """``|v|^2``, real: ``re^2 + im^2`` for complex ``v`` (as flax's ``_abs_sq``)."""
+  if jnp.iscomplexobj(v):
+    return jnp.square(v.real) + jnp.square(v.imag)
+  return jnp.square(v)
 
 
 def independent(*arrays: Array | None) -> tuple[Array | None, ...]:
@@ -104,7 +118,7 @@ def _local_reference_value(xf, axes, where, keep_shape):
   """The first element along ``axes`` (the first *included* one when masked)."""
   if where is None:
     ref = lax.slice(xf, (0,) * xf.ndim, keep_shape)
-    return ref, jnp.ones(keep_shape, xf.dtype)
+    return ref, jnp.ones(keep_shape, real_dtype(xf.dtype))
   # Flat index of the first True of the mask over the reduced axes it varies along
   # (0 when there is none: then the count is 0 and the value is not used).
   masked = tuple(a for a in axes if where.shape[a] != 1)
@@ -120,7 +134,7 @@ def _local_reference_value(xf, axes, where, keep_shape):
                 for a in range(xf.ndim))
   found = jnp.broadcast_to(found, keep_shape)
   ref = jnp.where(found, xf[index], 0)  # 0 for an empty group: its mean is then 0
-  return ref, found.astype(xf.dtype)
+  return ref, found.astype(real_dtype(xf.dtype))
 
 
 def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = None,
@@ -128,12 +142,15 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
                      center: bool = True) -> Centered:
   """Mean and variance over ``axes`` (keep-dims), in the shifted representation.
 
-  ``x`` must already be validated; ``where`` has the rank of ``x``.  With
+  ``x`` must already be validated; ``where`` has the rank of ``x``.  Complex ``x``
+  (as flax): complex mean and shift (a data value), real ``var = E|x - mean|^2``
+  and count.  With
   ``axis_name`` the sums and counts are added across those named axes: one
   all-reduce for ``center=False``, two for ``center=True`` (a small one that
   agrees on the shift ``k`` across devices, then one of ``[sum, sum_sq, count]``).
   """
   dtype = stat_dtype(x.dtype)
+  rdtype = real_dtype(dtype)  # of var and count (complex x: complex mean, real var)
   keep_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
   # bf16/f16: each pass converts x itself (see ``independent``)
   x_ref, x1, x2 = independent(x, x, x) if x.dtype != dtype else (x, x, x)
@@ -143,6 +160,13 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
       return v
     try:
       return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+    except NameError as e:
+      raise NameError(
+          f"jaxnorm: axis_name={axis_name!r} is not bound here: it names a device axis of an "
+          "enclosing jax.shard_map, jax.pmap or jax.vmap(..., axis_name=...), and the "
+          "normalizer was called outside one (or with another name). Under plain jax.jit "
+          "with sharded inputs no axis_name is needed (the statistics are already global); "
+          "otherwise call it inside shard_map/pmap/vmap with that axis name.") from e
     except NotImplementedError as e:
       if axis_index_groups is None:
         raise
@@ -156,8 +180,8 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
   if center:
     ref, ref_n = _reference_value(x_ref.astype(dtype), axes, where, keep_shape)
     if axis_name is not None:  # every device must shift by the same value
-      tot, n = all_reduce(jnp.stack([ref * ref_n, ref_n]))
-      ref = tot / jnp.maximum(n, 1)
+      tot, n = all_reduce(jnp.stack([ref * ref_n, ref_n.astype(dtype)]))
+      ref = tot / jnp.maximum(n.real, 1)
     shift = lax.stop_gradient(ref)
   else:
     shift = jnp.zeros(keep_shape, dtype)
@@ -172,18 +196,19 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
     v = v if where is None else jnp.where(where, v, 0)  # before f: excluded inf/NaN
     return jnp.sum(f(v), axis=axes, keepdims=True)      # get no NaN gradient
 
-  s2 = sum_of(jnp.square, x2, k2)
+  s2 = sum_of(abs_sq, x2, k2)
   s1 = sum_of(lambda v: v, x1, k1) if center else None
-  n = _count(where, x.shape, axes, keep_shape, dtype)
+  n = _count(where, x.shape, axes, keep_shape, rdtype)
   if axis_name is not None:
-    if center:
-      s1, s2, n = all_reduce(jnp.stack([s1, s2, n]))
+    if center:  # complex s1: one complex all-reduce; s2 and n come back real
+      s1, s2, n = all_reduce(jnp.stack([s1, s2.astype(dtype), n.astype(dtype)]))
+      s2, n = s2.real, n.real
     else:
       s2, n = all_reduce(jnp.stack([s2, n]))
   n_safe = jnp.where(n > 0, n, 1)  # also keeps gradients finite when n == 0
   if center:
     offset = s1 / n_safe
-    var = jnp.maximum(s2 / n_safe - offset * offset, 0)
+    var = jnp.maximum(s2 / n_safe - abs_sq(offset), 0)
   else:
     offset = jnp.zeros_like(s2)
     var = s2 / n_safe
@@ -197,7 +222,8 @@ def moments(x: Array, *, axis: Axes, where: Array | None = None,
 
   Math (``m`` = mask, ``n = sum(m)``): ``mean = sum(m x) / n``,
   ``var = sum(m (x - mean)^2) / n``, computed in one accurate pass (shifted
-  data, see module docs) in at least float32.  With ``axis_name`` (a name or a
+  data, see module docs) in at least float32.  Complex ``x``: complex ``mean``,
+  real ``var = sum(m |x - mean|^2) / n`` (flax's convention).  With ``axis_name`` (a name or a
   tuple of names, inside ``shard_map``/``pmap``/``vmap``) the sums and counts are
   reduced across devices, so the result is exactly the global batch's, also when
   masks leave devices with unequal or zero counts.  Collectives: 2 all-reduces
@@ -221,7 +247,7 @@ def moments(x: Array, *, axis: Axes, where: Array | None = None,
   (Array([2., 4.], dtype=float32), Array([1., 4.], dtype=float32), Array([2., 2.], dtype=float32))
   """
   fn = "jaxnorm.moments"
-  x = _axes.check_floating(x, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=True)
   axes = _axes.canonical_axes(axis, x.ndim, what="axis", fn=fn)
   if not axes:
     raise ValueError(f"{fn}: axis must name at least one axis to reduce, got {axis!r}.")
@@ -234,24 +260,48 @@ def moments(x: Array, *, axis: Axes, where: Array | None = None,
   return Moments(*(jnp.squeeze(v, axis=axes) for v in out))
 
 
-def update_batch_stats(stats: BatchStats, batch_moments: Moments, *, momentum: float,
-                       where: Array | None = None, unbiased_var: bool = False) -> BatchStats:
-  """Exponential moving average of batch statistics.
+def update_batch_stats(stats: BatchStats | CountedBatchStats, batch_moments: Moments, *,
+                       momentum: float | None, where: Array | None = None,
+                       unbiased_var: bool = False,
+                       debias: bool = False) -> BatchStats | CountedBatchStats:
+  """Running averages of batch statistics, in the convention of your framework.
 
-  ``new = momentum * old + (1 - momentum) * batch`` (Flax's convention); PyTorch's
-  ``momentum=m`` is ``momentum=1 - m`` here, together with ``unbiased_var=True``
-  (the batch variance enters as ``var * n / (n - 1)``, as ``torch.nn.BatchNorm``
-  does).  Features where ``where`` is False keep their old values.  The result
-  has the dtypes of ``stats``.
+  * Flax/Keras EMA (default): ``new = momentum * old + (1 - momentum) * batch``.
+    PyTorch's ``momentum=m`` is ``momentum=1 - m`` here, together with
+    ``unbiased_var=True`` (the batch variance enters as ``var * n / (n - 1)``, as
+    ``torch.nn.BatchNorm`` does).
+  * ``momentum=None``: PyTorch's cumulative moving average,
+    ``new = old + (batch - old) / (t + 1)`` after ``t`` earlier updates: the
+    running averages are the plain mean of every batch statistic seen so far.
+  * ``debias=True``: Haiku's zero-debiased EMA (``hk.ExponentialMovingAverage``,
+    used by ``hk.BatchNorm``) with ``decay = momentum``:
+    ``hidden <- decay * hidden + (1 - decay) * batch`` from ``hidden = 0``, and
+    the average is ``hidden / (1 - decay^t)``.  The state keeps that average,
+    updated as ``new = old + w_t (batch - old)`` with
+    ``w_t = (1 - decay) / (1 - decay^(t + 1))``, which is the same number for a
+    constant ``decay`` (``w_0 = 1``; ``decay -> 1`` gives the cumulative average).
+
+  The last two weight an update by how many came before, so they need a
+  :class:`CountedBatchStats` (``jaxnorm.init_batch_stats(shape, counted=True)``);
+  its ``count`` goes up by one per update.  A ``CountedBatchStats`` with the
+  default convention is an EMA that counts its updates.  Features where ``where``
+  is False keep their old values and count.  The result has the type and dtypes
+  of ``stats``.
 
   >>> import jax.numpy as jnp, jaxnorm as jn
   >>> s = jn.init_batch_stats(2)
   >>> m = jn.moments(jnp.array([[1., 2.], [3., 6.]]), axis=0)
   >>> jn.update_batch_stats(s, m, momentum=0.9).mean
   Array([0.2, 0.4], dtype=float32)
+  >>> c = jn.update_batch_stats(jn.init_batch_stats(2, counted=True), m, momentum=None)
+  >>> c.mean, c.count
+  (Array([2., 4.], dtype=float32), Array([1, 1], dtype=int32))
   """
   fn = "jaxnorm.update_batch_stats"
-  _axes.check_momentum(momentum, fn=fn)
+  if momentum is not None:
+    _axes.check_momentum(momentum, fn=fn)
+  _axes.check_counted(stats, momentum, debias, fn=fn)
+  counted = isinstance(stats, CountedBatchStats)
   where = _axes.check_mask(where, jnp.shape(stats.mean), fn=fn, target="running statistics")
   for name, old, new in zip(("mean", "var"), stats, batch_moments[:2]):
     if jnp.shape(old) != jnp.shape(new):
@@ -263,11 +313,28 @@ def update_batch_stats(stats: BatchStats, batch_moments: Moments, *, momentum: f
     n = batch_moments.count
     batch_var = batch_var * jnp.where(n > 1, n / jnp.where(n > 1, n - 1, 1), 1)
 
+  if momentum is None or debias:
+    t = stats.count.astype(stat_dtype(stats.mean.dtype))  # earlier updates
+    if momentum is None:
+      weight = 1 / (t + 1)
+    else:  # (1 - d) / (1 - d^(t+1)), accurate for d near 1; d == 1 is the cumulative limit
+      d = jnp.asarray(momentum, t.dtype)
+      denom = -jnp.expm1((t + 1) * jnp.log(d))
+      weight = jnp.where(denom > 0, (1 - d) / jnp.where(denom > 0, denom, 1), 1 / (t + 1))
+      weight = jnp.where(t == 0, 1, weight)  # exactly: the first update replaces the init
+    mix = lambda old, new: (1 - weight) * old + weight * new
+  else:
+    mix = lambda old, new: momentum * old + (1 - momentum) * new
+
   def ema(old, new):
     dtype = stat_dtype(old.dtype)
-    out = momentum * old.astype(dtype) + (1 - momentum) * new.astype(dtype)
+    out = mix(old.astype(dtype), new.astype(dtype))
     if where is not None:
       out = jnp.where(where, out, old.astype(dtype))
     return out.astype(old.dtype)
 
-  return BatchStats(mean=ema(stats.mean, batch_moments.mean), var=ema(stats.var, batch_var))
+  mean, var = ema(stats.mean, batch_moments.mean), ema(stats.var, batch_var)
+  if not counted:
+    return BatchStats(mean=mean, var=var)
+  step = jnp.ones_like(stats.count) if where is None else where.astype(stats.count.dtype)
+  return CountedBatchStats(mean=mean, var=var, count=stats.count + step)

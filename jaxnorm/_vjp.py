@@ -115,10 +115,16 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
     for running averages and moments); the boolean :func:`usable_stats` mask if
     ``fallback`` was given, else None.
   """
-  if not ENABLED:
+  if not ENABLED or jnp.iscomplexobj(x):  # complex x: plain autodiff, see standardize_reference
     return standardize_reference(x, axes, scale, bias, where=where, epsilon=epsilon,
                                  axis_name=axis_name, axis_index_groups=axis_index_groups,
                                  center=center, dtype=dtype, fallback=fallback)
+  if _kernels_cover(x, axes, scale, bias, where, axis_name, fallback, dtype):
+    from ._cpu import _rows
+    y, batch = _rows.standardize_rows(x, len(axes), scale, bias, where,
+                                      jnp.asarray(epsilon, jnp.float32), center=bool(center),
+                                      out_dtype=jnp.dtype(dtype or x.dtype))
+    return y, batch, None
   cdtype = stat_dtype(x.dtype)
   cfg = _Config(axes=tuple(axes), axis_name=_hashable(axis_name),
                 axis_index_groups=_hashable(axis_index_groups), center=bool(center),
@@ -128,6 +134,20 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
   eps = jnp.asarray(epsilon, cdtype)
   y, shift, offset, var, count, usable = _standardize(cfg, x, scale, bias, where, rm, rv, eps)
   return y, Centered(shift=shift, offset=offset, var=var, count=count), usable
+
+
+def _kernels_cover(x, axes, scale, bias, where, axis_name, fallback, dtype) -> bool:
+  """Whether this call runs on the fused CPU kernels (:mod:`jaxnorm._cpu`): they are
+  switched on and built, the default backend is the CPU, and the layout is covered
+  (layer/RMS norm over trailing axes, see :func:`jaxnorm._cpu._rows.covers`)."""
+  from . import _cpu
+  if _cpu._disabled or not _cpu._env_enabled():
+    return False
+  from ._cpu import _rows
+  if not _rows.covers(x, tuple(axes), scale, bias, where, axis_name=axis_name,
+                      fallback=fallback, out_dtype=jnp.dtype(dtype or x.dtype)):
+    return False
+  return jax.default_backend() == "cpu" and _cpu.kernels_available()
 
 
 def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None = None,
@@ -140,7 +160,9 @@ def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None =
   """:func:`standardize` by plain autodiff of ``centered_moments`` + :func:`scale_shift`.
 
   ``x`` is cast to the statistics dtype once, so a bf16/f16 ``x`` gets its
-  gradient accumulated in float32 and rounded once.
+  gradient accumulated in float32 and rounded once.  Complex ``x`` always takes
+  this path (the analytic backward is written for real data): complex mean, real
+  variance ``E|x - mean|^2``, gradients by JAX's complex autodiff.
   """
   cdtype = stat_dtype(x.dtype)
   xf = x.astype(cdtype)
@@ -159,7 +181,7 @@ def with_fallback(batch: Centered, fallback: tuple[Array, Array] | None
   ``(used, usable)`` (``usable`` is None without a fallback)."""
   if fallback is None:
     return batch, None
-  rm, rv = (jnp.asarray(v, batch.var.dtype) for v in fallback)
+  rm, rv = jnp.asarray(fallback[0], batch.shift.dtype), jnp.asarray(fallback[1], batch.var.dtype)
   usable = usable_stats(batch)
   used = Centered(shift=jnp.where(usable, batch.shift, rm),
                   offset=jnp.where(usable, batch.offset, 0),
@@ -466,4 +488,14 @@ _standardize_vjp.defvjp(_fwd, _bwd)
 
 
 def _standardize(cfg, x, scale, bias, where, rm, rv, eps):
-  return _standardize_vjp(cfg, x, scale, bias, where, rm, rv, eps)
+  try:
+    return _standardize_vjp(cfg, x, scale, bias, where, rm, rv, eps)
+  except TypeError as e:
+    if "forward-mode" not in str(e):
+      raise
+    raise TypeError(
+        "jaxnorm: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) is not defined "
+        "for jaxnorm's default path, which has a custom reverse-mode gradient "
+        "(jax.custom_vjp). Trace the function inside `with jaxnorm.plain_autodiff():` "
+        "(a new function object, e.g. a fresh lambda, so JAX's cache does not reuse an "
+        "earlier trace); reverse mode (grad, hessian) works as is.") from e

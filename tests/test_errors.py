@@ -337,3 +337,52 @@ def test_training_numpy_bool_accepted():
 def test_hyperparameters_keyword_only(call):
   with pytest.raises(TypeError, match="positional argument"):
     call()
+
+
+# ---------------------------------------------------------------- messages a newcomer hit
+
+
+def test_forward_mode_points_to_plain_autodiff():
+  for transform in (lambda f: jax.jvp(f, (X,), (X,)), lambda f: jax.jacfwd(f)(X)):
+    with pytest.raises(TypeError, match=r"plain_autodiff\(\)"):
+      transform(jn.layer_norm)
+  with jn.plain_autodiff():  # the fix the message names works
+    _, t = jax.jvp(lambda x: jn.layer_norm(x), (X,), (X,))
+  assert t.shape == X.shape
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "batch_norm", "moments"])
+def test_unbound_axis_name_says_where_it_belongs(name):
+  fn = {"layer_norm": lambda x: jn.layer_norm(x, axis_name="batch"),
+        "rms_norm": lambda x: jn.rms_norm(x, axis_name="batch"),
+        "batch_norm": lambda x: jn.batch_norm(x, S6, training=True, axis_name="batch"),
+        "moments": lambda x: jn.moments(x, axis=0, axis_name="batch")}[name]
+  raises(NameError, fn, "axis_name='batch' is not bound", "shard_map", "no axis_name is needed")
+
+
+def test_scalar_input_names_the_problem():
+  for f in (jn.layer_norm, jn.rms_norm):
+    with pytest.raises(ValueError, match="scalar") as info:
+      f(jnp.float32(1.0))
+    assert "0..-1" not in str(info.value)
+
+
+def test_nnx_num_features_mismatch_names_the_module_fix():
+  nnx = pytest.importorskip("flax.nnx")
+  from jaxnorm import nnx as jnnx
+  x = jnp.ones((4, 3, 16))
+  for cls in (jnnx.BatchNorm, jnnx.LayerNorm, jnnx.RMSNorm, jnnx.InstanceNorm):
+    with pytest.raises(ValueError, match=rf"num_features=8.*{cls.__name__}\(16, \.\.\.\)"):
+      cls(8, rngs=nnx.Rngs(0))(x)
+  with pytest.raises(ValueError, match=r"GroupNorm\(16, \.\.\.\)"):
+    jnnx.GroupNorm(8, num_groups=2, rngs=nnx.Rngs(0))(x)
+
+
+def test_linen_without_flax_names_the_extra():
+  import subprocess
+  import sys
+  code = ("import sys; sys.modules['flax'] = None\n"
+          "import jaxnorm\n"
+          "try:\n  from jaxnorm import linen\nexcept ModuleNotFoundError as e:\n  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert "pip install jaxnorm[flax]" in out.stdout, out.stdout + out.stderr

@@ -5,12 +5,15 @@ import functools
 import subprocess
 import sys
 
+import pytest
+
+pytest.importorskip("flax")  # the Flax frontends need the `flax` extra
+
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import serialization
 
 import jaxnorm as jn

@@ -5,12 +5,15 @@ flax.serialization bit for bit."""
 
 import functools
 
+import pytest
+
+pytest.importorskip("flax")  # the Flax frontends need the `flax` extra
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx, serialization
 
 from jaxnorm import linen as jnn

@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest.importorskip("flax")  # the Flax frontends need the `flax` extra
+
 from flax import nnx, serialization
 from flax.nnx.nn import dtypes as nnx_dtypes
 

@@ -47,6 +47,15 @@ def _report(errors, title):
     print(f"  {k:<46s} {v:.3g}")
 
 
+def _flax_linen():
+  """flax.linen if installed (a comparison row), else None: the suite runs without flax."""
+  try:
+    import flax.linen as nn
+  except ModuleNotFoundError:
+    return None
+  return nn
+
+
 def test_large_offset_batch_norm(big):
   x, ref = big["x"], big["bn"]
   xj = jnp.asarray(x)
@@ -58,8 +67,8 @@ def test_large_offset_batch_norm(big):
   var_rel = float(np.max(np.abs(np.asarray(m.var) - ref.var.ravel()) / ref.var.ravel()))
   mean_err = float(np.max(np.abs(np.asarray(m.mean) - ref.mean.ravel())))
 
-  import flax.linen as nn
-  for fast in (True, False):
+  nn = _flax_linen()
+  for fast in (True, False) if nn else ():
     mod = nn.BatchNorm(use_running_average=False, use_fast_variance=fast, epsilon=BN_EPS)
     variables = mod.init(jax.random.key(0), xj[:2])
     yf, _ = jax.jit(lambda v, x: mod.apply(v, x, mutable=["batch_stats"]))(variables, xj)
@@ -92,8 +101,8 @@ def test_large_offset_layer_norm(big):
   x, ref = big["x"], big["ln"]
   xj = jnp.asarray(x)
   errors = {"jaxnorm.layer_norm": _err(jax.jit(jn.layer_norm)(xj), ref.y)}
-  import flax.linen as nn
-  for fast in (True, False):
+  nn = _flax_linen()
+  for fast in (True, False) if nn else ():
     mod = nn.LayerNorm(use_fast_variance=fast, epsilon=LN_EPS)
     variables = mod.init(jax.random.key(0), xj[:2])
     errors[f"flax.linen.LayerNorm(use_fast_variance={fast})"] = _err(

@@ -134,12 +134,14 @@ class BatchNorm(nnx.Module):
                    "nnx.view(model, use_running_average=...).")),
         fn=fn, name="use_running_average")
     mean, var = self.mean[...], self.var[...]
+    if jnp.iscomplexobj(x) and not jnp.iscomplexobj(mean):  # complex input: complex mean,
+      mean = mean.astype(jnp.promote_types(mean.dtype, x.dtype))  # stored so below
     x, _, _, scale, bias = self.promote_dtype(
         (x, mean, var, _value(self.scale), _value(self.bias)), dtype=self.dtype)
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     out_dtype = _dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
     feat = _axes.canonical_axes(self.axis, x.ndim, what="axis", fn=fn)
-    fshape = _axes.feature_shape(x.shape, feat)
+    fshape = _axes.check_num_features(self.num_features, x.shape, feat, fn=fn, field="axis")
     y, new_stats = batch_norm(
         x, BatchStats(mean=_fit(mean, fshape), var=_fit(var, fshape)), _fit(scale, fshape),
         _fit(bias, fshape), training=not use_running_average, feature_axes=feat,
@@ -152,7 +154,11 @@ class BatchNorm(nnx.Module):
         stop_gradient = jax.lax.stop_gradient
       else:
         stop_gradient = lambda v: v
-      self.mean[...] = stop_gradient(new_stats.mean.reshape(mean.shape))
+      new_mean = stop_gradient(new_stats.mean.reshape(mean.shape))
+      if new_mean.dtype != self.mean[...].dtype:  # widened to complex: a new dtype (flax.nnx
+        self.mean.set_value(new_mean)             # would drop the imaginary part here)
+      else:
+        self.mean[...] = new_mean
       self.var[...] = stop_gradient(new_stats.var.reshape(var.shape))
     return y
 
@@ -209,9 +215,10 @@ class LayerNorm(nnx.Module):
     fn = "jaxnorm.nnx.LayerNorm"
     x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)),
                                         dtype=self.dtype)
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.feature_axes, x.ndim, what="feature_axes", fn=fn)
-    fshape = _axes.feature_shape(x.shape, feat)
+    fshape = _axes.check_num_features(self.num_features, x.shape, feat, fn=fn,
+                                      field="feature_axes")
     return layer_norm(x, _fit(scale, fshape), _fit(bias, fshape),
                       reduction_axes=self.reduction_axes, feature_axes=feat, where=mask,
                       epsilon=self.epsilon, axis_name=self.axis_name,
@@ -261,9 +268,11 @@ class RMSNorm(nnx.Module):
   def __call__(self, x, mask: jax.Array | None = None):
     fn = "jaxnorm.nnx.RMSNorm"
     x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.feature_axes, x.ndim, what="feature_axes", fn=fn)
-    return rms_norm(x, _fit(scale, _axes.feature_shape(x.shape, feat)),
+    fshape = _axes.check_num_features(self.num_features, x.shape, feat, fn=fn,
+                                      field="feature_axes")
+    return rms_norm(x, _fit(scale, fshape),
                     reduction_axes=self.reduction_axes, feature_axes=feat, where=mask,
                     epsilon=self.epsilon, axis_name=self.axis_name,
                     axis_index_groups=self.axis_index_groups,
@@ -324,7 +333,9 @@ class GroupNorm(nnx.Module):
     fn = "jaxnorm.nnx.GroupNorm"
     x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)),
                                         dtype=self.dtype)
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
+    c_ax = _axes.canonical_axes(self.feature_axis, x.ndim, what="feature_axis", fn=fn)
+    _axes.check_num_features(self.num_features, x.shape, c_ax, fn=fn, field="feature_axis")
     return group_norm(x, scale, bias, num_groups=self.num_groups,
                       reduction_axes=self.reduction_axes, channel_axis=self.feature_axis,
                       where=mask, epsilon=self.epsilon, axis_name=self.axis_name,
@@ -376,9 +387,10 @@ class InstanceNorm(nnx.Module):
     fn = "jaxnorm.nnx.InstanceNorm"
     x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)),
                                         dtype=self.dtype)
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.feature_axes, x.ndim, what="feature_axes", fn=fn)
-    fshape = _axes.feature_shape(x.shape, feat)
+    fshape = _axes.check_num_features(self.num_features, x.shape, feat, fn=fn,
+                                      field="feature_axes")
     return instance_norm(x, _fit(scale, fshape), _fit(bias, fshape), feature_axes=feat,
                          where=mask, epsilon=self.epsilon, axis_name=self.axis_name,
                          axis_index_groups=self.axis_index_groups,
