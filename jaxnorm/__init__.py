@@ -18,3 +18,11 @@ from ._types import init_batch_stats as init_batch_stats
 from ._vjp import plain_autodiff as plain_autodiff
 
 __version__ = "0.1.0"
+# Filter Response Normalization + TLU
+from ._response import filter_response_norm as filter_response_norm
+from ._response import tlu as tlu
+# Conditional normalization (FiLM, AdaLN, AdaLN-Zero, conditional batch norm)
+from ._conditional import adaptive_norm as adaptive_norm
+from ._conditional import conditional_batch_norm as conditional_batch_norm
+from ._conditional import gated_residual as gated_residual
+from ._conditional import modulate as modulate

@@ -57,3 +57,9 @@ from ._norms import GroupNorm as GroupNorm
 from ._norms import InstanceNorm as InstanceNorm
 from ._norms import LayerNorm as LayerNorm
 from ._norms import RMSNorm as RMSNorm
+# Filter Response Normalization + TLU; conditional normalization
+from ._response import FilterResponseNorm as FilterResponseNorm
+from ._conditional import AdaLN as AdaLN
+from ._conditional import AdaLNZero as AdaLNZero
+from ._conditional import ConditionalBatchNorm as ConditionalBatchNorm
+from ._conditional import FiLM as FiLM
