@@ -26,3 +26,11 @@ from ._conditional import adaptive_norm as adaptive_norm
 from ._conditional import conditional_batch_norm as conditional_batch_norm
 from ._conditional import gated_residual as gated_residual
 from ._conditional import modulate as modulate
+# weight normalizers: weight standardization, weight norm, spectral norm
+from ._weights import SpectralState as SpectralState
+from ._weights import init_spectral_state as init_spectral_state
+from ._weights import scaled_weight_standardize as scaled_weight_standardize
+from ._weights import spectral_norm as spectral_norm
+from ._weights import weight_norm as weight_norm
+from ._weights import weight_norm_scale as weight_norm_scale
+from ._weights import weight_standardize as weight_standardize

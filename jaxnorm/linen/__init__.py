@@ -71,3 +71,10 @@ from ._conditional import AdaLN as AdaLN
 from ._conditional import AdaLNZero as AdaLNZero
 from ._conditional import ConditionalBatchNorm as ConditionalBatchNorm
 from ._conditional import FiLM as FiLM
+# weight normalizers: weight standardization, weight norm, spectral norm
+from ._weights import SpectralNorm as SpectralNorm
+from ._weights import StdConv as StdConv
+from ._weights import StdDense as StdDense
+from ._weights import WeightNorm as WeightNorm
+from ._weights import WSConv as WSConv
+from ._weights import WSDense as WSDense
