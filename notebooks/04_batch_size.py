@@ -26,15 +26,28 @@
 # **Measurement.** A ReLU MLP (64 → 64 → 64 → 64 → 10) with BN, LN or GN (4 groups) after
 # each hidden linear layer, trained at batch sizes 2, 4, ..., 256 for the same number of
 # epochs (20), SGD with momentum 0.9 and the square-root scaling rule
-# `lr = 0.05 * sqrt(B / 32)`; three seeds. We report test accuracy in evaluation mode
+# `lr = 0.05 * sqrt(B / 32)`; five seeds. We report test accuracy in evaluation mode
 # and BN's *train/eval gap*: test accuracy in training mode (each test batch of size B
 # normalized with its own statistics, as in training) minus evaluation mode, on the same
-# test images. The verdicts are computed from the table.
+# test images.
+#
+# **Thresholds.** *BN degrades*: BN's accuracy at its best batch size minus at batch 2,
+# > 5 points. *LN / GN do not depend on the batch size*: each one's best minus worst
+# batch size, < 5 points. *BN's gap grows*: |gap| at batch 2 minus at batch 256, > 2 points.
+#
+# **Verdict rule** (`ex.decide`, the same for every claim): a claim is a statement about a measured
+# quantity per seed, usually a paired difference (a seed gives every variant the same initial
+# weights and minibatches). It **held** when the 95% t-interval of the mean over seeds lies on the
+# claim's side of the threshold stated below, **did not hold** when it lies on the other side,
+# and is **inconclusive** when it contains the threshold; a claim made of parts (`ex.combine`) is
+# *held only under conditions* when every part was decided and some held, some did not. Single
+# numbers move between CPUs (float rounding differs, and small trainings amplify it); a verdict
+# should not.
 
 # %%
 from jaxnorm import experiments as ex
 
-bs = ex.batch_size(seeds=3)
+bs = ex.batch_size(seeds=5)
 bs.table
 
 # %%
@@ -51,11 +64,11 @@ for v in bs.verdicts:
 # a convolutional network they also pool over the spatial positions (here 8x8, then 4x4),
 # so even a batch of 2 gives each channel 32 to 128 values. The same measurement with a
 # small CNN (3x3 convolutions with 16, 32, 32 channels, global average pooling), BN vs
-# GN, batch 2 vs 32, 5 epochs, three seeds:
+# GN, batch 2 vs 32, 5 epochs, five seeds:
 
 # %%
 cnn = ex.batch_size(model="cnn", norms=("batch", "group"), batch_sizes=(2, 32), epochs=5,
-                    seeds=3)
+                    seeds=5)
 cnn.table
 
 # %%
@@ -72,10 +85,6 @@ print(f"BN, MLP: batch {bs.config['batch_sizes'][0]} reaches {drop_mlp[0]:.1%} v
       f"{drop_mlp.max():.1%} at its best batch size")
 print(f"BN, CNN: batch {cnn.config['batch_sizes'][0]} reaches {drop_cnn[0]:.1%} vs "
       f"{drop_cnn.max():.1%} at its best batch size")
-mlp_holds = bs.verdicts[0].status == ex.HELD
-cnn_holds = cnn.verdicts[0].status == ex.HELD
-overall = ex.HELD if mlp_holds and cnn_holds else ex.CONDITIONAL if mlp_holds or cnn_holds \
-    else ex.NOT_HELD
-print(ex.Verdict("Batch norm degrades at very small batch sizes", overall,
-                 f"MLP (B values per statistic): {bs.verdicts[0].status}; CNN (statistics also "
-                 f"over positions): {cnn.verdicts[0].status}"))
+print(ex.combine("Batch norm degrades at very small batch sizes, in an MLP and in a CNN",
+                 [bs.verdicts[0], cnn.verdicts[0]],
+                 context="MLP: B values per statistic; CNN: statistics also over positions"))

@@ -42,12 +42,28 @@
 #   effective β-smoothness `max ||∇L(θ - ηg) - g|| / ||ηg||`, and the actual loss decrease of
 #   a step at the training learning rate divided by its first-order prediction `lr ||g||²`.
 #
-# Three seeds. The verdicts are computed from the measurements.
+# Five seeds.
+#
+# **Thresholds** (per seed, log10 ratios none / BN, > 0): input shift, Santurkar et al.'s
+# ICS, and each of loss range, gradient change and β-smoothness (all three claimed).
+# *Reducing ICS is why BN helps*: refuted (did not hold) when noisy BN has more input
+# shift than no normalization (log10 ratio > 0) **and** still trains as well (accuracy
+# minus none's > -1 point); supported (held) when it has more shift and trains worse;
+# inconclusive otherwise.
+#
+# **Verdict rule** (`ex.decide`, the same for every claim): a claim is a statement about a measured
+# quantity per seed, usually a paired difference (a seed gives every variant the same initial
+# weights and minibatches). It **held** when the 95% t-interval of the mean over seeds lies on the
+# claim's side of the threshold stated below, **did not hold** when it lies on the other side,
+# and is **inconclusive** when it contains the threshold; a claim made of parts (`ex.combine`) is
+# *held only under conditions* when every part was decided and some held, some did not. Single
+# numbers move between CPUs (float rounding differs, and small trainings amplify it); a verdict
+# should not.
 
 # %%
 from jaxnorm import experiments as ex
 
-sm = ex.smoothness(seeds=3)
+sm = ex.smoothness(seeds=5)
 sm.tables["smoothness"]
 
 # %%

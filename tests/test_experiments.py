@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 from jaxnorm import experiments as ex  # noqa: E402
 from jaxnorm.experiments import _common  # noqa: E402
 
-STATUSES = {"held", "did not hold", "held only under conditions"}
+STATUSES = {"held", "did not hold", "held only under conditions", "inconclusive"}
 
 
 def _finite(a):
@@ -40,7 +40,13 @@ def _check_result(r, name, columns):
     assert t.rows and all(len(row) == len(t.columns) for row in t.rows)
     assert str(t) and t.to_markdown().count("\n") == len(t.rows) + 1 + 2 * bool(t.title)
   assert r.verdicts and all(v.status in STATUSES and v.evidence for v in r.verdicts)
-  assert name in r.report()
+  report = r.report()
+  assert name in report
+  # a quick run's verdicts are not evidence: no status is printed, not even of parts
+  assert r.quick and all(v.quick for v in r.verdicts)
+  assert "quick mode: not evidence" in report
+  for st in STATUSES:
+    assert f"[{st.upper()}]" not in report and f"[{st}]" not in report
   figs = r.figures()
   assert figs
   import matplotlib.pyplot as plt
@@ -51,8 +57,8 @@ def _check_result(r, name, columns):
 def test_convergence():
   r = ex.convergence(quick=True, progress=False)
   _check_result(r, "convergence", [
-      "norm", "best lr", "test acc at best lr (%)", "fewest steps to 96% (lr)",
-      "lrs where all seeds reach 96%", "lrs that diverged (any seed)"])
+      "norm", "best lr", "test acc at best lr (%, 95% CI)", "fewest steps to 96% (lr)",
+      "usable lrs (every seed ≥ 96% at the end)", "lrs where a seed diverged"])
   norms = r.config["norms"]
   assert set(r.data["test_acc"]) == set(norms) == {"none", "batch"}
   s, l, e = r.data["test_acc"]["batch"].shape
@@ -72,7 +78,7 @@ def test_ioffe_szegedy():
   p = r.data["percentiles"]["batch"]
   assert p.shape[-2:] == (100, 3) and _finite(p)
   assert (np.diff(p, axis=-1) >= 0).all()  # 15th <= 50th <= 85th
-  assert len(r.verdicts) == 3
+  assert len(r.verdicts) == 4
 
 
 def test_initialization():
@@ -139,12 +145,95 @@ def test_devices(devices):
     assert max(float(c) for c in row[2:]) < 1e-5, row
 
 
-def test_cli_writes_figures(tmp_path, capsys):
+def test_cli_quick_writes_no_figures_into_the_default_folder(tmp_path, monkeypatch, capsys):
   from jaxnorm.experiments.__main__ import main
-  assert main(["convergence", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+  monkeypatch.chdir(tmp_path)
+  assert main(["convergence", "--quick", "--no-progress"]) == 0
   out = capsys.readouterr().out
-  assert "Summary per normalizer" in out and "Verdicts:" in out
-  assert sorted(os.listdir(tmp_path)) == ["convergence_curves.png", "convergence_lr_sweep.png"]
+  assert "Summary per normalizer" in out and "quick mode: not evidence" in out
+  assert "[HELD]" not in out and "[DID NOT HOLD]" not in out and "[INCONCLUSIVE]" not in out
+  assert not (tmp_path / "figures").exists()  # the real figures are never replaced
+  paths = out.split("Figures: ")[1].strip().split(", ")
+  assert [os.path.basename(p) for p in paths] == ["convergence_curves.png",
+                                                   "convergence_lr_sweep.png"]
+  assert all(os.path.isfile(p) and not p.startswith(str(tmp_path)) for p in paths)
+  # an explicit --out is honoured
+  assert main(["convergence", "--quick", "--no-progress", "--out", "here"]) == 0
+  assert sorted(os.listdir(tmp_path / "here")) == ["convergence_curves.png",
+                                                   "convergence_lr_sweep.png"]
+
+
+def test_figure_named_once(tmp_path):
+  r = ex.Result("smoothness", {}, {}, [], {}, plotter=lambda r: _two_figures())
+  paths = r.save_figures(str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == ["smoothness.png", "smoothness_extra.png"]
+
+
+def _two_figures():
+  import matplotlib.pyplot as plt
+  return {"smoothness": plt.figure(), "extra": plt.figure()}
+
+
+# ----------------------------------------------------------------------------- verdict rule
+
+
+def test_decide_held_inconclusive_did_not_hold():
+  rng = np.random.default_rng(0)
+  clear = 2.0 + 0.1 * rng.standard_normal(10)
+  v = ex.decide("x beats y", clear, quantity="x - y")
+  assert v.status == ex.HELD and v.interval[0] > 0 and v.n == 10
+  assert "95% interval" in v.evidence and "held if the interval lies above 0" in v.evidence
+  noisy = 0.1 + 1.0 * rng.standard_normal(10)
+  assert ex.decide("x beats y", noisy, quantity="d").status == ex.INCONCLUSIVE
+  assert ex.decide("x beats y", -clear, quantity="d").status == ex.NOT_HELD
+  # a threshold: held only when the whole interval clears it
+  assert ex.decide("x beats y by 3", clear, quantity="d", threshold=3.0).status == ex.NOT_HELD
+  assert ex.decide("x beats y by its mean", clear, quantity="d",
+                   threshold=float(clear.mean())).status == ex.INCONCLUSIVE
+  # "less" and equivalence ("within")
+  assert ex.decide("small", 0.01 * clear, quantity="d", threshold=0.05,
+                   alternative="less").status == ex.HELD
+  assert ex.decide("flat", 0.01 * clear - 0.02, quantity="d", threshold=0.05,
+                   alternative="within").status == ex.HELD
+  assert ex.decide("flat", clear, quantity="d", threshold=0.05,
+                   alternative="within").status == ex.NOT_HELD
+  # one seed, or a diverged (nan) seed, decides nothing
+  assert ex.decide("c", [5.0], quantity="d").status == ex.INCONCLUSIVE
+  assert ex.decide("c", [5.0, 6.0, np.nan], quantity="d").status == ex.INCONCLUSIVE
+  with pytest.raises(ValueError, match="alternative must be one of"):
+    ex.decide("c", clear, quantity="d", alternative="bigger")
+  with pytest.raises(ValueError, match="threshold > 0"):
+    ex.decide("c", clear, quantity="d", alternative="within")
+
+
+def test_t_interval_matches_scipy():
+  stats = pytest.importorskip("scipy.stats")
+  x = np.array([0.3, 0.1, 0.4, 0.15, 0.9])
+  m, lo, hi, n = ex.t_interval(x)
+  ref = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+  assert n == 5 and m == pytest.approx(x.mean())
+  assert (lo, hi) == pytest.approx(ref, rel=1e-12)
+
+
+def test_combine():
+  h = ex.Verdict("a", ex.HELD, "e")
+  n = ex.Verdict("b", ex.NOT_HELD, "e")
+  i = ex.Verdict("c", ex.INCONCLUSIVE, "e")
+  assert ex.combine("all", [h, h]).status == ex.HELD
+  assert ex.combine("all", [n, n]).status == ex.NOT_HELD
+  assert ex.combine("all", [h, n]).status == ex.CONDITIONAL
+  assert ex.combine("all", [h, n, i]).status == ex.INCONCLUSIVE
+  assert "[held] a" in ex.combine("all", [h, n]).evidence
+
+
+def test_usable_learning_rate_rule():
+  # (seeds, lrs): lr 0 all trained; lr 1 one seed diverged (nan loss) although it once
+  # reached the target; lr 2 one seed ends below the target
+  final_acc = np.array([[0.97, 0.98, 0.97], [0.97, 0.10, 0.99], [0.98, 0.97, 0.95]])
+  final_loss = np.array([[0.1, 0.1, 0.1], [0.1, np.nan, 0.1], [0.1, 0.1, 0.2]])
+  trained = ex.usable_runs(final_acc, final_loss, 0.96)
+  assert trained.all(axis=0).tolist() == [True, False, False]
+  assert ex.usable_runs([0.99], [np.inf], 0.96).tolist() == [False]  # finite loss required
 
 
 def test_cli_rejects_unknown_experiment(capsys):

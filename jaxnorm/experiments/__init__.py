@@ -44,3 +44,8 @@ from ._nets import RNN as RNN
 from ._recurrent import recurrent as recurrent
 from ._smoothness import smoothness as smoothness
 from ._train import train as train
+from ._common import INCONCLUSIVE as INCONCLUSIVE
+from ._common import combine as combine
+from ._common import decide as decide
+from ._common import t_interval as t_interval
+from ._convergence import usable_runs as usable_runs

@@ -3,6 +3,8 @@
 Runs one experiment (default: ``convergence``, the learning-rate sweep), shows its
 progress, prints its result tables and verdicts, and writes its figures as PNG
 files to ``--out`` (default ``figures/``).  ``all`` runs every experiment.
+``--quick`` runs a tiny configuration: its verdicts are printed as "quick mode: not
+evidence" and its figures go to a temporary folder unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("name", nargs="?", default=DEFAULT,
                  help=f"one of {', '.join(EXPERIMENTS)}, or 'all' (default: {DEFAULT})")
   p.add_argument("--seeds", type=int, default=None,
-                 help="number of seeds (default: the experiment's own, 3 to 5)")
-  p.add_argument("--out", default="figures", help="folder for the figure files (default: "
-                                                  "figures/)")
+                 help="number of seeds (default: the experiment's own, 5 to 10)")
+  p.add_argument("--out", default=None, help="folder for the figure files (default: "
+                                             "figures/; with --quick a temporary folder)")
   p.add_argument("--quick", action="store_true",
-                 help="a tiny configuration that only checks that everything runs")
+                 help="a tiny configuration that only checks that everything runs: its "
+                      "verdicts are not evidence and its figures never replace figures/")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   return p
 

@@ -13,8 +13,57 @@ from . import _common as C
 from . import _nets, _train
 
 
+def usable_runs(final_acc, final_loss, target: float) -> np.ndarray:
+  """Which runs ended trained: final test accuracy ``>= target`` and a finite final loss
+  (elementwise).  A learning rate is *usable* when every seed's run ended trained,
+  ``usable_runs(...).all(axis=0)`` over seeds; one diverged seed makes it unusable."""
+  acc = np.nan_to_num(np.asarray(final_acc, np.float64), nan=0.0)
+  return (acc >= target) & np.isfinite(np.asarray(final_loss, np.float64))
+
+
+def diverged_runs(final_acc, final_loss, *, chance: float = 0.2) -> np.ndarray:
+  """Which runs diverged: a non-finite final loss or a final accuracy below ``chance``."""
+  acc = np.nan_to_num(np.asarray(final_acc, np.float64), nan=0.0)
+  return (acc < chance) | ~np.isfinite(np.asarray(final_loss, np.float64))
+
+
+def seed_max_lr(trained, lrs) -> np.ndarray:
+  """Per seed, log10 of the largest learning rate at which that seed ended trained
+  (``trained``: (S, L)); a seed trained at none counts one sweep step below the smallest
+  rate (``lrs[0]**2 / lrs[1]``)."""
+  lrs = np.asarray(lrs, np.float64)
+  below = lrs[0] ** 2 / lrs[1] if len(lrs) > 1 else lrs[0] / 3
+  out = np.full(trained.shape[0], np.log10(below))
+  for s in range(trained.shape[0]):
+    ok = np.flatnonzero(trained[s])
+    if ok.size:
+      out[s] = np.log10(lrs[ok].max())
+  return out
+
+
+def _usable(s, lrs):
+  return [lr for lr in lrs if lr in s["ok"]]
+
+
+def _higher_lr_verdict(claim, norm, summ, lrs, target):
+  d = summ[norm]["seed_max_lr"] - summ["none"]["seed_max_lr"]
+  return C.decide(
+      claim, d, quantity=f"log10 of the largest lr at which a seed ends at ≥ {target:.0%}, "
+      f"{_nets.label(norm)} minus none (paired by seed; 0.5 = one step of the sweep)",
+      threshold=0.0,
+      context=f"usable lrs (every seed trained): {_nets.label(norm)} "
+              f"{_lrs_str(summ[norm], lrs, True)}, none {_lrs_str(summ['none'], lrs, True)}")
+
+
+def _lrs_str(s, lrs, braces=False):
+  ok = _usable(s, lrs)
+  if braces:
+    return "{" + ", ".join(f"{lr:g}" for lr in ok) + "}"
+  return ", ".join(f"{lr:g}" for lr in ok) if ok else "none"
+
+
 def convergence(*, norms: Sequence[str] = ("none", "batch", "layer", "group", "rms"),
-                lrs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), seeds=5,
+                lrs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), seeds=10,
                 steps: int = 500, batch_size: int = 64, eval_every: int = 25,
                 hidden: Sequence[int] = (100, 100, 100), activation: str = "relu",
                 target: float = 0.96, quick: bool = False, progress: bool = True) -> C.Result:
@@ -22,10 +71,14 @@ def convergence(*, norms: Sequence[str] = ("none", "batch", "layer", "group", "r
 
   Plain SGD on minibatches of ``batch_size``; accuracy on the held-out test set
   (evaluation mode) every ``eval_every`` steps.  Reports the final accuracy, the
-  steps to reach ``target`` test accuracy, and the largest learning rate at which
-  every seed reaches it.
+  steps to reach ``target`` test accuracy, and the usable learning rates: those at
+  which every seed ends at ``target`` or above with a finite loss
+  (:func:`usable_runs`).
 
-  Claims tested: BN speeds up convergence; BN allows higher learning rates.
+  Claims tested (each a paired difference over seeds with its 95% t-interval, see
+  :func:`jaxnorm.experiments.decide`): BN speeds up convergence (steps to ``target``,
+  none minus BN, > 0); BN allows higher learning rates (log10 of each seed's largest
+  trained lr, BN minus none, > 0); so do LN, GN and RMSNorm.
   """
   if quick:
     lrs, seeds, steps, eval_every, hidden = lrs[1::2], 2, 40, 20, (16,)
@@ -48,7 +101,10 @@ def convergence(*, norms: Sequence[str] = ("none", "batch", "layer", "group", "r
 
   reach = {n: C.first_reach(steps_axis, acc[n], target) for n in norms}  # (S, L)
   final = {n: acc[n][:, :, -1] for n in norms}  # (S, L)
+  trained = {n: usable_runs(final[n], loss[n][:, :, -1], target) for n in norms}  # (S, L)
   n_seeds = len(seeds)
+  # steps to target with "never" censored at one evaluation past the budget (per seed)
+  censored = {n: np.where(np.isfinite(reach[n]), reach[n], steps + eval_every) for n in norms}
 
   lr_cols = [f"lr={lr:g}" for lr in lrs]
   t_acc = C.Table(["norm"] + lr_cols, [
@@ -63,67 +119,54 @@ def convergence(*, norms: Sequence[str] = ("none", "batch", "layer", "group", "r
   def summary(n):
     mean_final = np.nan_to_num(final[n].mean(0), nan=0.0)
     best = int(np.argmax(mean_final))
-    med = np.array([np.median(reach[n][:, j]) if np.isfinite(reach[n][:, j]).sum() * 2 > n_seeds
-                    else np.inf for j in range(len(lrs))])
-    fastest = int(np.argmin(med))
-    ok = [lr for j, lr in enumerate(lrs) if np.isfinite(reach[n][:, j]).all()]
-    diverged = [lr for j, lr in enumerate(lrs) if np.isnan(loss[n][:, j, -1]).any()
-                or (final[n][:, j] < 0.2).any()]
+    fastest = int(np.argmin(np.median(censored[n], axis=0)))
+    ok = [lr for j, lr in enumerate(lrs) if trained[n][:, j].all()]
+    diverged = [lr for j, lr in enumerate(lrs) if diverged_runs(final[n][:, j],
+                                                                  loss[n][:, j, -1]).any()]
     return dict(best_lr=lrs[best], best_acc=final[n][:, best], fastest_lr=lrs[fastest],
-                fastest=med[fastest], med=med, max_ok=max(ok) if ok else None,
-                min_ok=min(ok) if ok else None, n_ok=len(ok), diverged=diverged)
+                fastest_j=fastest, fastest=np.median(censored[n][:, fastest]),
+                ok=ok, max_ok=max(ok) if ok else None, min_ok=min(ok) if ok else None, n_ok=len(ok),
+                diverged=diverged, seed_max_lr=seed_max_lr(trained[n], lrs))
 
   summ = {n: summary(n) for n in norms}
+  never = steps + eval_every
   t_sum = C.Table(
-      ["norm", "best lr", "test acc at best lr (%)", f"fewest steps to {target:.0%} (lr)",
-       f"lrs where all seeds reach {target:.0%}", "lrs that diverged (any seed)"],
-      [[_nets.label(n), f"{s['best_lr']:g}", C.pm(s["best_acc"], scale=100),
-        f"{C.fmt(s['fastest'])} ({s['fastest_lr']:g})",
-        (f"{s['min_ok']:g} .. {s['max_ok']:g} ({s['n_ok']}/{len(lrs)})" if s["n_ok"] else "none"),
+      ["norm", "best lr", "test acc at best lr (%, 95% CI)", f"fewest steps to {target:.0%} (lr)",
+       f"usable lrs (every seed ≥ {target:.0%} at the end)", "lrs where a seed diverged"],
+      [[_nets.label(n), f"{s['best_lr']:g}", C.ci(s["best_acc"], scale=100, clip=(0, 100)),
+        (f"{s['fastest']:.0f} ({s['fastest_lr']:g})" if s["fastest"] < never
+         else "never"),
+        f"{_lrs_str(s, lrs)} ({s['n_ok']}/{len(lrs)})",
         ", ".join(f"{lr:g}" for lr in s["diverged"]) or "none"]
        for n, s in summ.items()],
-      title="Summary per normalizer")
+      title=f"Summary per normalizer ({n_seeds} seeds; a learning rate is usable when every "
+            f"seed ends at ≥ {target:.0%} test accuracy with a finite loss)")
 
   verdicts = []
   if "none" in norms and "batch" in norms:
     b, o = summ["batch"], summ["none"]
-    j_ref = list(lrs).index(o["fastest_lr"])
-    b_same, o_same = b["med"][j_ref], o["med"][j_ref]
-    faster_best = b["fastest"] < o["fastest"]
-    faster_same = b_same < o_same
-    status = (C.HELD if faster_best and faster_same else
-              C.CONDITIONAL if faster_best or faster_same else C.NOT_HELD)
-    verdicts.append(C.Verdict(
-        "Batch norm speeds up convergence",
-        status,
-        f"median steps to {target:.0%}: BN {C.fmt(b['fastest'])} at its fastest lr "
-        f"{b['fastest_lr']:g} vs none {C.fmt(o['fastest'])} at its fastest lr "
-        f"{o['fastest_lr']:g}; at the same lr {o['fastest_lr']:g}: BN {C.fmt(b_same)} vs "
-        f"none {C.fmt(o_same)}"))
-    b_max = b["max_ok"] if b["max_ok"] is not None else 0.0
-    o_max = o["max_ok"] if o["max_ok"] is not None else 0.0
-    verdicts.append(C.Verdict(
-        "Batch norm allows higher learning rates",
-        C.HELD if b_max > o_max else C.NOT_HELD,
-        f"largest lr at which every seed reaches {target:.0%}: BN {C.fmt(b_max)} vs none "
-        f"{C.fmt(o_max)}; lrs where some seed diverged: BN "
-        f"{', '.join(f'{lr:g}' for lr in b['diverged']) or 'none'}, none "
-        f"{', '.join(f'{lr:g}' for lr in o['diverged']) or 'none'}"))
+    d_steps = censored["none"][:, o["fastest_j"]] - censored["batch"][:, b["fastest_j"]]
+    verdicts.append(C.decide(
+        "Batch norm speeds up convergence", d_steps,
+        quantity=f"steps to {target:.0%} without normalization minus with BN, each at its "
+                 f"fastest lr (none {o['fastest_lr']:g}, BN {b['fastest_lr']:g}; a seed that "
+                 f"never gets there counts {never})",
+        threshold=0.0, unit=" steps"))
+    verdicts.append(_higher_lr_verdict("Batch norm allows higher learning rates", "batch",
+                                       summ, lrs, target))
     others = [n for n in norms if n not in ("none", "batch")]
     if others:
-      better = [n for n in others if (summ[n]["max_ok"] or 0.0) > o_max]
-      verdicts.append(C.Verdict(
-          "The per-sample normalizers (LN, GN, RMSNorm) also widen the usable learning-rate "
-          "range",
-          C.HELD if len(better) == len(others) else C.CONDITIONAL if better else C.NOT_HELD,
-          "largest lr with every seed at target: " + ", ".join(
-              f"{_nets.label(n)} {C.fmt(summ[n]['max_ok'] or 0.0)}" for n in others)
-          + f" vs none {C.fmt(o_max)}"))
+      verdicts.append(C.combine(
+          "The per-sample normalizers (" + ", ".join(_nets.label(n) for n in others)
+          + ") also widen the usable learning-rate range",
+          [_higher_lr_verdict(f"{_nets.label(n)} allows higher learning rates", n, summ, lrs,
+                              target) for n in others]))
 
   config = dict(norms=list(norms), lrs=list(lrs), seeds=seeds, steps=steps,
                 batch_size=batch_size, hidden=list(hidden), activation=activation,
-                target=target, optimizer="SGD")
-  data_out = dict(steps=steps_axis, test_acc=acc, train_loss=loss, test_loss=tloss, reach=reach)
+                target=target, optimizer="SGD", quick=quick)
+  data_out = dict(steps=steps_axis, test_acc=acc, train_loss=loss, test_loss=tloss, reach=reach,
+                  usable={n: trained[n].all(0) for n in norms})
   from . import _plots
   return C.Result("convergence", config, {"summary": t_sum, "final_accuracy": t_acc,
                                           "steps_to_target": t_steps},
@@ -145,7 +188,7 @@ def _sigmoid_inputs(model, params, state, lr, key, xtr, ytr, xte, yte):
   return {"sigmoid_input_percentiles": q.T}
 
 
-def ioffe_szegedy(*, lrs: Sequence[float] = (0.3, 1.0, 3.0), seeds=5, steps: int = 2000,
+def ioffe_szegedy(*, lrs: Sequence[float] = (0.3, 1.0, 3.0), seeds=8, steps: int = 2000,
                   batch_size: int = 60, eval_every: int = 50, early_fraction: float = 0.1,
                   quick: bool = False, progress: bool = True) -> C.Result:
   """Ioffe & Szegedy (2015), Figure 1, on the digits: 3 fully connected hidden layers
@@ -190,39 +233,36 @@ def ioffe_szegedy(*, lrs: Sequence[float] = (0.3, 1.0, 3.0), seeds=5, steps: int
                   title=f"3x100 sigmoid MLP, batch {batch_size}, mean ± std over "
                         f"{len(seeds)} seeds")
 
-  early_gap = np.array([acc["batch"][:, j, e_early].mean() - acc["none"][:, j, e_early].mean()
-                        for j in range(len(lrs))])
-  final_gap = np.array([acc["batch"][:, j, -1].mean() - acc["none"][:, j, -1].mean()
-                        for j in range(len(lrs))])
-  drift_ratio = np.array([drift["batch"][:, j].mean() / drift["none"][:, j].mean()
-                          for j in range(len(lrs))])
-  n_lr = len(lrs)
-  n_faster = int(((early_gap > 0) & (final_gap >= 0)).sum())
-  lr_list = ", ".join(f"{lr:g}" for lr in lrs)
-  v1 = C.Verdict(
-      "With BN the sigmoid network trains faster and reaches higher test accuracy "
-      "(Ioffe & Szegedy Fig. 1a)",
-      C.HELD if n_faster == n_lr else C.CONDITIONAL if n_faster else C.NOT_HELD,
-      f"BN minus none, test accuracy at step {steps_axis[e_early]}: "
-      + ", ".join(f"{g * 100:+.1f} pts" for g in early_gap)
-      + f"; at step {steps}: " + ", ".join(f"{g * 100:+.1f} pts" for g in final_gap)
-      + f" (lr = {lr_list})")
-  n_stable = int((drift_ratio < 1).sum())
-  v2 = C.Verdict(
-      "With BN the input distribution of the sigmoids moves less during training "
-      "(Fig. 1b, c)",
-      C.HELD if n_stable == n_lr else C.CONDITIONAL if n_stable else C.NOT_HELD,
-      "percentile drift BN / none: " + ", ".join(f"{r:.2f}" for r in drift_ratio)
-      + f" (lr = {lr_list})")
-  reproduced = v1.status == C.HELD and v2.status == C.HELD
-  v3 = C.Verdict(
-      "The qualitative result of Ioffe & Szegedy's MNIST figure reproduces on the digits",
-      C.HELD if reproduced else (C.CONDITIONAL if C.HELD in (v1.status, v2.status)
-                                 or C.CONDITIONAL in (v1.status, v2.status) else C.NOT_HELD),
-      f"faster/higher accuracy: {v1.status}; more stable sigmoid inputs: {v2.status}")
+  step_e = steps_axis[e_early]
+  faster, higher, steadier = [], [], []
+  for j, lr in enumerate(lrs):
+    faster.append(C.decide(
+        f"lr {lr:g}: BN is ahead at step {step_e}",
+        acc["batch"][:, j, e_early] - acc["none"][:, j, e_early],
+        quantity=f"test accuracy at step {step_e}, BN minus none", scale=100, unit=" pts"))
+    higher.append(C.decide(
+        f"lr {lr:g}: BN ends higher", acc["batch"][:, j, -1] - acc["none"][:, j, -1],
+        quantity=f"test accuracy at step {steps}, BN minus none", scale=100, unit=" pts"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+      log_ratio = np.log10(drift["none"][:, j] / drift["batch"][:, j])
+    steadier.append(C.decide(
+        f"lr {lr:g}: BN's sigmoid inputs drift less", log_ratio,
+        quantity="log10(drift without BN / drift with BN)",
+        context=f"drift none {np.mean(drift['none'][:, j]):.3g}, BN "
+                f"{np.mean(drift['batch'][:, j]):.3g}"))
+  v1 = C.combine("With BN the sigmoid network trains faster (Ioffe & Szegedy Fig. 1a)", faster)
+  v1b = C.combine("With BN the sigmoid network reaches higher test accuracy (Fig. 1a)", higher)
+  v2 = C.combine("With BN the input distribution of the sigmoids moves less during training "
+                 "(Fig. 1b, c)", steadier)
+  v3 = C.combine(
+      "The qualitative result of Ioffe & Szegedy's MNIST figure (faster training, steadier "
+      "sigmoid inputs) reproduces on the digits",
+      [C.Verdict("trains faster", v1.status, "verdict above"),
+       C.Verdict("steadier sigmoid inputs", v2.status, "verdict above")])
+  verdicts = [v1, v1b, v2, v3]
   config = dict(lrs=list(lrs), seeds=seeds, steps=steps, batch_size=batch_size,
-                hidden=[100, 100, 100], activation="sigmoid", optimizer="SGD")
+                hidden=[100, 100, 100], activation="sigmoid", optimizer="SGD", quick=quick)
   data_out = dict(steps=steps_axis, test_acc=acc, percentiles=pct, drift=drift)
   from . import _plots
-  return C.Result("ioffe_szegedy", config, {"ioffe_szegedy": table}, [v1, v2, v3], data_out,
+  return C.Result("ioffe_szegedy", config, {"ioffe_szegedy": table}, verdicts, data_out,
                   time.time() - t0, _plots.plot_ioffe_szegedy)
