@@ -34,3 +34,10 @@ from ._weights import spectral_norm as spectral_norm
 from ._weights import weight_norm as weight_norm
 from ._weights import weight_norm_scale as weight_norm_scale
 from ._weights import weight_standardize as weight_standardize
+# Batch Renorm, Ghost BN, EvoNorm (jaxnorm/_renorm.py)
+from ._renorm import batch_renorm as batch_renorm
+from ._renorm import evonorm_b0 as evonorm_b0
+from ._renorm import evonorm_s0 as evonorm_s0
+from ._renorm import ghost_batch_norm as ghost_batch_norm
+from ._renorm import renorm_schedule as renorm_schedule
+# Conditional normalization (FiLM, AdaLN, AdaLN-Zero, conditional batch norm)

@@ -78,3 +78,9 @@ from ._weights import StdDense as StdDense
 from ._weights import WeightNorm as WeightNorm
 from ._weights import WSConv as WSConv
 from ._weights import WSDense as WSDense
+# Batch Renorm, Ghost BN, EvoNorm (jaxnorm/linen/_renorm.py)
+from ._renorm import BatchRenorm as BatchRenorm
+from ._renorm import EvoNormB0 as EvoNormB0
+from ._renorm import EvoNormS0 as EvoNormS0
+from ._renorm import GhostBatchNorm as GhostBatchNorm
+# population statistics (PreciseBN)

@@ -70,3 +70,9 @@ from ._weights import StdLinear as StdLinear
 from ._weights import WeightNorm as WeightNorm
 from ._weights import WSConv as WSConv
 from ._weights import WSLinear as WSLinear
+# Batch Renorm, Ghost BN, EvoNorm (jaxnorm/nnx/_renorm.py)
+from ._renorm import BatchRenorm as BatchRenorm
+from ._renorm import EvoNormB0 as EvoNormB0
+from ._renorm import EvoNormS0 as EvoNormS0
+from ._renorm import GhostBatchNorm as GhostBatchNorm
+# Filter Response Normalization + TLU; conditional normalization
