@@ -40,4 +40,3 @@ from ._renorm import evonorm_b0 as evonorm_b0
 from ._renorm import evonorm_s0 as evonorm_s0
 from ._renorm import ghost_batch_norm as ghost_batch_norm
 from ._renorm import renorm_schedule as renorm_schedule
-# Conditional normalization (FiLM, AdaLN, AdaLN-Zero, conditional batch norm)

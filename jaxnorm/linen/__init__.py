@@ -83,4 +83,3 @@ from ._renorm import BatchRenorm as BatchRenorm
 from ._renorm import EvoNormB0 as EvoNormB0
 from ._renorm import EvoNormS0 as EvoNormS0
 from ._renorm import GhostBatchNorm as GhostBatchNorm
-# population statistics (PreciseBN)
