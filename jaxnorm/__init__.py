@@ -40,3 +40,9 @@ from ._renorm import evonorm_b0 as evonorm_b0
 from ._renorm import evonorm_s0 as evonorm_s0
 from ._renorm import ghost_batch_norm as ghost_batch_norm
 from ._renorm import renorm_schedule as renorm_schedule
+# running-average conventions and population statistics (PreciseBN)
+from ._types import CountedBatchStats as CountedBatchStats
+from ._population import PopulationStats as PopulationStats
+from ._population import init_population_stats as init_population_stats
+from ._population import population_batch_stats as population_batch_stats
+from ._population import update_population_stats as update_population_stats

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from . import _axes, _vjp
 from ._stats import Centered, stat_dtype, update_batch_stats
-from ._types import Array, Axes, AxisName, BatchStats, DType, Moments
+from ._types import Array, Axes, AxisName, BatchStats, CountedBatchStats, DType, Moments
 
 
 def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
@@ -176,12 +176,13 @@ def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
 DegeneratePolicy = Literal["running", "batch"]
 
 
-def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
+def batch_norm(x: Array, stats: BatchStats | CountedBatchStats, scale: Array | None = None,
                bias: Array | None = None, *, training: bool, feature_axes: Axes = -1,
-               momentum: float = 0.99, epsilon: float = 1e-5, where: Array | None = None,
+               momentum: float | None = 0.99, epsilon: float = 1e-5, where: Array | None = None,
                axis_name: AxisName | None = None, axis_index_groups=None,
                degenerate: DegeneratePolicy = "running", unbiased_var: bool = False,
-               dtype: DType | None = None) -> tuple[Array, BatchStats]:
+               debias: bool = False,
+               dtype: DType | None = None) -> tuple[Array, BatchStats | CountedBatchStats]:
   """Batch normalization with explicit running averages.
 
   Training: ``y = (x - mean_B) * rsqrt(var_B + eps) * scale + bias`` with the
@@ -205,13 +206,17 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
 
   Args:
     x: floating input, any layout.
-    stats: ``BatchStats`` with the feature shape (``x.shape`` at ``feature_axes``).
+    stats: ``BatchStats`` with the feature shape (``x.shape`` at ``feature_axes``),
+      or a ``CountedBatchStats`` (``init_batch_stats(shape, counted=True)``) for
+      ``momentum=None``/``debias=True``.  A plain tuple is rejected (the state
+      comes back with the type it went in with).
     scale, bias: optional per-feature arrays, or arrays of ``x``'s rank that
       broadcast to it.
     training: Python bool (static).  Use ``lax.cond`` to switch on a traced flag.
     feature_axes: the axes that are *not* reduced (default -1: NHWC, (N, C),
       (N, T, C)); e.g. 1 for NCHW.
     momentum: Flax convention; PyTorch's ``momentum=m`` is ``1 - m`` here.
+      ``None``: PyTorch's cumulative average (see :func:`jaxnorm.update_batch_stats`).
     where: optional boolean mask broadcastable to ``x``: elements that enter the
       statistics (e.g. ``(N, 1)`` for padded samples).
     axis_name, axis_index_groups: reduce across devices (global-batch statistics)
@@ -220,6 +225,7 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
       with a sharded batch.  ``axis_index_groups`` works under ``pmap`` only.
     degenerate: ``"running"`` or ``"batch"``, see above.
     unbiased_var: update the running variance with ``n / (n - 1)`` (PyTorch).
+    debias: Haiku's zero-debiased EMA (``hidden / (1 - momentum^t)``).
     dtype: output dtype (default ``x.dtype``).
 
   Returns:
@@ -246,6 +252,7 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
     raise ValueError(f"{fn}: feature_axes {feat} cover every axis of the input {x.shape}, "
                      "leaving nothing to reduce. Batch norm needs a batch axis.")
   stats = _axes.check_batch_stats(stats, x.shape, feat, fn=fn)
+  _axes.check_counted(stats, momentum, debias, fn=fn)
   scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
   bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
   where = _axes.check_mask(where, x.shape, fn=fn)
@@ -268,5 +275,5 @@ def batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
                           count=flat(batch.count))
   new_stats = update_batch_stats(stats, batch_moments, momentum=momentum,
                                  where=None if usable is None else flat(usable),
-                                 unbiased_var=unbiased_var)
+                                 unbiased_var=unbiased_var, debias=debias)
   return y, new_stats

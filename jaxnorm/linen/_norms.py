@@ -12,9 +12,17 @@ from jax.nn import initializers
 
 from .. import _axes
 from .._norms import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
-from .._types import Axes, BatchStats, DType
+from .._types import Axes, BatchStats, CountedBatchStats, DType
+from ._population import sow_batch_moments
 
 Initializer = Any
+
+
+def _running(count, *, mean, var) -> BatchStats | CountedBatchStats:
+  """The running averages as the core takes them (with the update count if there is one)."""
+  if count is None:
+    return BatchStats(mean=mean, var=var)
+  return CountedBatchStats(mean=mean, var=var, count=count.value)
 
 
 def _param(mdl: nn.Module, name: str, init: Initializer, shape, param_dtype) -> jax.Array:
@@ -66,6 +74,14 @@ class BatchNorm(nn.Module, kw_only=True):
     degenerate: ``"running"`` (jaxnorm default) or ``"batch"`` (flax behaviour)
       for features whose batch statistics are unusable; see :func:`jaxnorm.batch_norm`.
     unbiased_var: update the running variance with ``n / (n - 1)`` (PyTorch).
+    debias: Haiku's zero-debiased EMA; ``momentum=None``: PyTorch's cumulative
+      average (:func:`jaxnorm.update_batch_stats`).  Either adds the variable
+      ``batch_stats/count`` (int32 per feature, updates so far); with the
+      defaults the variables are exactly flax's.
+
+  PreciseBN hook: in training mode, when the ``batch_moments`` collection is
+  mutable, the input's batch moments are sown there (see
+  :func:`jaxnorm.linen.precise_batch_stats`); otherwise nothing happens.
 
   >>> import jax, jax.numpy as jnp
   >>> from jaxnorm import linen as jnn
@@ -82,7 +98,7 @@ class BatchNorm(nn.Module, kw_only=True):
 
   use_running_average: bool | None = None
   axis: Axes = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: DType | None = None
   param_dtype: DType = jnp.float32
@@ -96,6 +112,7 @@ class BatchNorm(nn.Module, kw_only=True):
   force_float32_reductions: bool = True
   degenerate: str = "running"
   unbiased_var: bool = False
+  debias: bool = False
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -114,19 +131,26 @@ class BatchNorm(nn.Module, kw_only=True):
                             list(fshape))
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype),
                            list(fshape))
+    ra_count = (self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32),
+                              list(fshape)) if self.momentum is None or self.debias else None)
     scale, bias, out_dtype = _affine(self, x, fshape, use_scale=self.use_scale,
                                      use_bias=self.use_bias)
     initializing = self.is_initializing()
     y, new_stats = batch_norm(
-        x, BatchStats(mean=ra_mean.value, var=ra_var.value), scale, bias,
+        x, _running(ra_count, mean=ra_mean.value, var=ra_var.value), scale, bias,
         training=not use_running_average, feature_axes=feat, momentum=self.momentum,
         epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
-        degenerate=self.degenerate, unbiased_var=self.unbiased_var, dtype=out_dtype)
+        degenerate=self.degenerate, unbiased_var=self.unbiased_var, debias=self.debias, dtype=out_dtype)
     if not use_running_average and not initializing:
       ra_mean.value = new_stats.mean
       ra_var.value = new_stats.var
+      if ra_count is not None:
+        ra_count.value = new_stats.count
+    if not use_running_average:
+      sow_batch_moments(self, x, feature_axes=feat, where=mask, axis_name=self.axis_name,
+                        axis_index_groups=self.axis_index_groups)
     return y
 
 

@@ -75,3 +75,7 @@ from ._renorm import BatchRenorm as BatchRenorm
 from ._renorm import EvoNormB0 as EvoNormB0
 from ._renorm import EvoNormS0 as EvoNormS0
 from ._renorm import GhostBatchNorm as GhostBatchNorm
+# population statistics (PreciseBN)
+from ._population import BatchMoments as BatchMoments
+from ._population import precise_batch_stats as precise_batch_stats
+from ._population import sow_batch_moments as sow_batch_moments

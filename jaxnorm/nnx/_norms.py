@@ -14,7 +14,8 @@ from flax.nnx.nn import dtypes as _dtypes
 
 from .. import _axes
 from .._norms import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
-from .._types import Axes, BatchStats, DType
+from .._types import Axes, BatchStats, CountedBatchStats, DType
+from ._population import sow_batch_moments
 
 Initializer = Any
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
@@ -49,6 +50,14 @@ def _fit(p: jax.Array | None, fshape: tuple[int, ...]) -> jax.Array | None:
   return p.reshape(fshape)
 
 
+def _running(mdl: nnx.Module, *, mean, var) -> BatchStats | CountedBatchStats:
+  """The running averages as the core takes them (with the update count if there is one)."""
+  count = getattr(mdl, "count", None)
+  if count is None:
+    return BatchStats(mean=mean, var=var)
+  return CountedBatchStats(mean=mean, var=var, count=count[...].reshape(mean.shape))
+
+
 class BatchNorm(nnx.Module):
   """Batch normalization with running averages in ``nnx.BatchStat`` variables.
 
@@ -71,6 +80,14 @@ class BatchNorm(nnx.Module):
     use_fast_variance: accepted for compatibility; selects nothing.
     degenerate: ``"running"`` (default) or ``"batch"`` (flax); see :func:`jaxnorm.batch_norm`.
     unbiased_var: update the running variance with ``n / (n - 1)`` (PyTorch).
+    debias: Haiku's zero-debiased EMA; ``momentum=None``: PyTorch's cumulative
+      average (:func:`jaxnorm.update_batch_stats`).  Either adds ``self.count``
+      (an int32 ``nnx.BatchStat`` per feature); with the defaults the state is
+      exactly flax.nnx's.
+
+  PreciseBN hook: in training mode under ``nnx.capture(..., jaxnorm.nnx.BatchMoments)``
+  the input's batch moments are sown (see :func:`jaxnorm.nnx.precise_batch_stats`);
+  otherwise nothing happens.
 
   >>> import jax.numpy as jnp
   >>> from flax import nnx
@@ -87,7 +104,7 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(self, num_features: int, *, use_running_average: bool | None = False,
-               axis: Axes = -1, momentum: float = 0.99, epsilon: float = 1e-5,
+               axis: Axes = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                dtype: DType | None = None, param_dtype: DType = jnp.float32,
                use_bias: bool = True, use_scale: bool = True,
                bias_init: Initializer = initializers.zeros_init(),
@@ -97,12 +114,15 @@ class BatchNorm(nnx.Module):
                promote_dtype=_dtypes.promote_dtype, rngs: nnx.Rngs,
                bias_metadata: Mapping[str, Any] = _NO_METADATA,
                scale_metadata: Mapping[str, Any] = _NO_METADATA,
-               degenerate: str = "running", unbiased_var: bool = False):
+               degenerate: str = "running", unbiased_var: bool = False,
+               debias: bool = False):
     fn = "jaxnorm.nnx.BatchNorm"
     _axes.check_choice(degenerate, ("running", "batch"), fn=fn, name="degenerate")
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    if momentum is None or debias:  # only then: the default state is flax.nnx's
+      self.count = nnx.BatchStat(jnp.zeros(feature_shape, jnp.int32))
     _make_affine(self, num_features, rngs, use_scale=use_scale, use_bias=use_bias,
                  scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
                  scale_metadata=scale_metadata, bias_metadata=bias_metadata)
@@ -121,6 +141,7 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.degenerate = degenerate
     self.unbiased_var = unbiased_var
+    self.debias = debias
 
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None):
@@ -143,11 +164,11 @@ class BatchNorm(nnx.Module):
     feat = _axes.canonical_axes(self.axis, x.ndim, what="axis", fn=fn)
     fshape = _axes.check_num_features(self.num_features, x.shape, feat, fn=fn, field="axis")
     y, new_stats = batch_norm(
-        x, BatchStats(mean=_fit(mean, fshape), var=_fit(var, fshape)), _fit(scale, fshape),
+        x, _running(self, mean=_fit(mean, fshape), var=_fit(var, fshape)), _fit(scale, fshape),
         _fit(bias, fshape), training=not use_running_average, feature_axes=feat,
         momentum=self.momentum, epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, degenerate=self.degenerate,
-        unbiased_var=self.unbiased_var, dtype=out_dtype)
+        unbiased_var=self.unbiased_var, debias=self.debias, dtype=out_dtype)
     if not use_running_average:
       # as flax.nnx: no gradient flows into the running averages
       if self.mean._can_update or self.var._can_update:
@@ -160,6 +181,10 @@ class BatchNorm(nnx.Module):
       else:
         self.mean[...] = new_mean
       self.var[...] = stop_gradient(new_stats.var.reshape(var.shape))
+      if isinstance(new_stats, CountedBatchStats):
+        self.count[...] = new_stats.count.reshape(self.count.shape)
+      sow_batch_moments(self, x, feature_axes=feat, where=mask, axis_name=self.axis_name,
+                        axis_index_groups=self.axis_index_groups)
     return y
 
   def set_view(self, use_running_average: bool | None = None):
