@@ -46,3 +46,15 @@ from ._population import PopulationStats as PopulationStats
 from ._population import init_population_stats as init_population_stats
 from ._population import population_batch_stats as population_batch_stats
 from ._population import update_population_stats as update_population_stats
+# Batch-norm folding and checkpoint converters (jaxnorm/_fold.py, jaxnorm/_convert.py)
+from ._convert import Converted as Converted
+from ._convert import conv_kernel_from_torch as conv_kernel_from_torch
+from ._convert import conv_kernel_to_torch as conv_kernel_to_torch
+from ._convert import from_haiku as from_haiku
+from ._convert import from_keras as from_keras
+from ._convert import from_torch as from_torch
+from ._convert import to_haiku as to_haiku
+from ._convert import to_keras as to_keras
+from ._convert import to_torch as to_torch
+from ._fold import fold_batch_norm as fold_batch_norm
+from ._fold import fold_batch_norm_into_next as fold_batch_norm_into_next

@@ -86,3 +86,5 @@ from ._renorm import GhostBatchNorm as GhostBatchNorm
 # population statistics (PreciseBN)
 from ._population import precise_batch_stats as precise_batch_stats
 from ._population import sow_batch_moments as sow_batch_moments
+# Batch-norm folding (jaxnorm/linen/_fold.py)
+from ._fold import fold_batch_norms as fold_batch_norms

@@ -79,3 +79,6 @@ from ._renorm import GhostBatchNorm as GhostBatchNorm
 from ._population import BatchMoments as BatchMoments
 from ._population import precise_batch_stats as precise_batch_stats
 from ._population import sow_batch_moments as sow_batch_moments
+# Batch-norm folding (jaxnorm/nnx/_fold.py)
+from ._fold import Identity as Identity
+from ._fold import fold_batch_norms as fold_batch_norms
