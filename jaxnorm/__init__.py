@@ -58,3 +58,6 @@ from ._convert import to_keras as to_keras
 from ._convert import to_torch as to_torch
 from ._fold import fold_batch_norm as fold_batch_norm
 from ._fold import fold_batch_norm_into_next as fold_batch_norm_into_next
+# Fused CPU kernels (XLA FFI)
+from ._cpu import kernels_available as kernels_available
+from ._cpu import no_kernels as no_kernels

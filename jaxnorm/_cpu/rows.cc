@@ -1,0 +1,521 @@
+// Fused CPU kernels for jaxnorm, registered as XLA FFI custom calls.
+//
+// Row kernels: layer norm (center=1) and RMS norm (center=0) over the trailing,
+// contiguous axis of x, viewed as R rows of length C.  Every other operand has x's
+// rank; along the leading axes it either matches x or has size 1 (broadcast), so
+// per-sample parameters and vmap's size-1 axes need no copies.
+//
+//   forward   per row: m = sum(x) / n; d = sum(x - m) / n; v = sum((x - m)^2) / n - d^2
+//             (the second pass reads the row from L1), rstd = 1 / sqrt(v + eps),
+//             y = ((x - m) - d) * (rstd * scale) + bias.  Returns m, d, v, rstd per row.
+//   backward  per row, with xc = (x - m) - d (or x without centring), gs = g * scale:
+//             a1 = sum(gs), a2 = sum(gs * xc),
+//             dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n,
+//             and per block of rows the partial sums of g * xc * rstd (dscale) and g (dbias).
+//
+// Threads: XLA's intra-op pool (xla::ffi::ThreadPool).  Work is split into a fixed
+// set of row blocks that depends only on the shapes; each block is computed by one
+// thread in a fixed order, so results do not depend on the number of threads.
+// Statistics are accumulated in float32 in 16 independent lanes (vectorised), then
+// combined pairwise.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ----------------------------------------------------------------------------- dtypes
+
+struct bf16 { uint16_t bits; };
+using f16 = _Float16;
+using Dims = xla::ffi::Span<const int64_t>;
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(f16 v) { return static_cast<float>(v); }
+inline float to_f32(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class T> inline T from_f32(float v);
+template <> inline float from_f32<float>(float v) { return v; }
+template <> inline f16 from_f32<f16>(float v) { return static_cast<f16>(v); }
+template <> inline bf16 from_f32<bf16>(float v) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+enum class Kind { kF32, kBF16, kF16, kOther };
+
+inline Kind kind_of(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return Kind::kF32;
+    case ffi::DataType::BF16: return Kind::kBF16;
+    case ffi::DataType::F16: return Kind::kF16;
+    default: return Kind::kOther;
+  }
+}
+
+// ------------------------------------------------------------------- broadcasting
+
+// Maps a row of x (flat index over x's leading axes) to a row of an operand of the
+// same rank whose leading axes are either x's or 1.
+struct RowMap {
+  std::vector<int64_t> lead;     // x's leading dims
+  std::vector<int64_t> strides;  // operand row strides, 0 where broadcast
+  bool identity = true, constant = true;
+
+  RowMap(const std::vector<int64_t>& x_lead, Dims dims) : lead(x_lead) {
+    const size_t k = lead.size();
+    strides.assign(k, 0);
+    int64_t s = 1;
+    for (size_t i = k; i-- > 0;) {
+      const int64_t d = dims[i];
+      strides[i] = (d == 1 && lead[i] != 1) ? 0 : s;
+      if (d == 1 && lead[i] != 1) identity = false;
+      if (d != 1) constant = false;
+      s *= d;
+    }
+  }
+  int64_t operator()(int64_t r) const {
+    if (identity) return r;
+    if (constant) return 0;
+    int64_t off = 0;
+    for (size_t i = lead.size(); i-- > 0;) {
+      off += (r % lead[i]) * strides[i];
+      r /= lead[i];
+    }
+    return off;
+  }
+};
+
+// ----------------------------------------------------------------------- threads
+
+// Runs body(b) for b in [0, nblocks) on the pool and the calling thread.  Blocks
+// are claimed dynamically, but each block's result is independent of who runs it.
+void parallel_for(ffi::ThreadPool& pool, int64_t nblocks, const std::function<void(int64_t)>& body) {
+  if (nblocks <= 0) return;
+  int64_t nthreads = pool.num_threads();
+  int64_t helpers = std::min<int64_t>(nthreads, nblocks - 1);
+  if (helpers <= 0) {
+    for (int64_t b = 0; b < nblocks; ++b) body(b);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> active{0};
+  };
+  auto st = std::make_shared<State>();
+  auto fn = std::make_shared<std::function<void(int64_t)>>(body);
+  auto work = [st, fn, nblocks]() {
+    st->active.fetch_add(1);
+    for (;;) {
+      int64_t b = st->next.fetch_add(1);
+      if (b >= nblocks) break;
+      (*fn)(b);
+      st->done.fetch_add(1);
+    }
+    st->active.fetch_sub(1);
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  // Wait for blocks claimed by helpers (a helper that starts late finds none left).
+  while (st->done.load() < nblocks) std::this_thread::yield();
+  // `fn` may still be referenced by late helpers: it is kept alive by shared_ptr.
+}
+
+// -------------------------------------------------------------------- row helpers
+
+constexpr int kLanes = 16;
+
+inline float combine(float* a) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) a[j] += a[j + w];
+  return a[0];
+}
+
+inline float row_sum(const float* x, int64_t n) {
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+  return combine(acc);
+}
+
+inline void row_centred_sums(const float* x, int64_t n, float m, float* s1, float* s2) {
+  float a[kLanes] = {0}, b[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      float v = x[i + j] - m;
+      a[j] += v;
+      b[j] += v * v;
+    }
+  for (int j = 0; i < n; ++i, ++j) {
+    float v = x[i] - m;
+    a[j] += v;
+    b[j] += v * v;
+  }
+  *s1 = combine(a);
+  *s2 = combine(b);
+}
+
+inline float row_sum_sq(const float* x, int64_t n) {
+  float b[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) b[j] += x[i + j] * x[i + j];
+  for (int j = 0; i < n; ++i, ++j) b[j] += x[i] * x[i];
+  return combine(b);
+}
+
+// A row as float32: the data itself, or converted once into a per-thread buffer.
+template <class T>
+inline const float* as_f32(const T* p, int64_t n, std::vector<float>& buf) {
+  buf.resize(n);
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_f32(p[i]);
+  return buf.data();
+}
+template <>
+inline const float* as_f32<float>(const float* p, int64_t, std::vector<float>&) { return p; }
+
+std::vector<int64_t> leading(Dims d) {
+  std::vector<int64_t> v;
+  for (size_t i = 0; i + 1 < d.size(); ++i) v.push_back(d[i]);
+  return v;
+}
+
+int64_t product(const std::vector<int64_t>& v) {
+  int64_t p = 1;
+  for (int64_t d : v) p *= d;
+  return p;
+}
+
+enum Flags { kCenter = 1, kScale = 2, kBias = 4, kMask = 8 };
+
+constexpr int64_t kRowsPerTask = 1 << 14;  // elements per forward task, in rows of C
+
+// ------------------------------------------------------------------------ forward
+
+template <class TX, class TY>
+void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, int64_t C,
+              const float* scale, const RowMap& smap, const float* bias, const RowMap& bmap,
+              const bool* mask, const RowMap& mmap, const float* eps, const RowMap& emap,
+              float* km, float* kd, float* kv, float* kr) {
+  const bool center = flags & kCenter;
+  const int64_t per = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(C, 1));
+  const int64_t ntasks = (R + per - 1) / per;
+  parallel_for(pool, ntasks, [&](int64_t t) {
+    std::vector<float> buf;
+    const int64_t r1 = std::min(R, (t + 1) * per);
+    for (int64_t r = t * per; r < r1; ++r) {
+      const float* xr = as_f32(x + r * C, C, buf);
+      const bool in = !(flags & kMask) || mask[mmap(r)];
+      float m = 0, d = 0, v = 0, rstd = 0;
+      if (in && C > 0) {
+        const float n = static_cast<float>(C);
+        if (center) {
+          m = row_sum(xr, C) / n;
+          float s1, s2;
+          row_centred_sums(xr, C, m, &s1, &s2);
+          d = s1 / n;
+          v = s2 / n - d * d;
+          v = v < 0 ? 0.f : v;  // NaN stays NaN
+        } else {
+          v = row_sum_sq(xr, C) / n;
+        }
+        rstd = 1.f / std::sqrt(v + eps[emap(r)]);
+      }
+      km[r] = m;
+      kd[r] = d;
+      kv[r] = v;
+      kr[r] = rstd;
+      const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
+      const float* b = (flags & kBias) ? bias + bmap(r) * C : nullptr;
+      TY* yr = y + r * C;
+      if (s && b) {
+        for (int64_t i = 0; i < C; ++i) yr[i] = from_f32<TY>(((xr[i] - m) - d) * (rstd * s[i]) + b[i]);
+      } else if (s) {
+        for (int64_t i = 0; i < C; ++i) yr[i] = from_f32<TY>(((xr[i] - m) - d) * (rstd * s[i]));
+      } else if (b) {
+        for (int64_t i = 0; i < C; ++i) yr[i] = from_f32<TY>(((xr[i] - m) - d) * rstd + b[i]);
+      } else {
+        for (int64_t i = 0; i < C; ++i) yr[i] = from_f32<TY>(((xr[i] - m) - d) * rstd);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------- backward
+
+template <class TX, class TG>
+void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx, int64_t R,
+              int64_t C, const float* scale, const RowMap& smap, const bool* mask,
+              const RowMap& mmap, const float* km, const float* kd, const float* kr,
+              const RowMap& statmap, const float* ctd, const RowMap& ctdmap, const float* ctv,
+              const RowMap& ctvmap, float* a2out, float* pscale, float* pbias, int64_t groups,
+              int64_t nb) {
+  const bool center = flags & kCenter;
+  const bool want_partials = (flags & (kScale | kBias)) && nb > 0;
+  const int64_t rg = groups > 0 ? R / groups : 0;  // rows per parameter group
+  // Fixed blocks: nb per group (partials), or by size when no partials are wanted.
+  int64_t blk, nblocks;
+  if (want_partials) {
+    blk = (rg + nb - 1) / nb;
+    nblocks = groups * nb;
+  } else {
+    blk = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(C, 1));
+    nblocks = (R + blk - 1) / blk;
+  }
+  parallel_for(pool, nblocks, [&](int64_t t) {
+    std::vector<float> xbuf, gbuf;
+    int64_t r0, r1;
+    float *ps = nullptr, *pb = nullptr;
+    if (want_partials) {
+      const int64_t grp = t / nb, j = t % nb;
+      r0 = grp * rg + std::min(rg, j * blk);
+      r1 = grp * rg + std::min(rg, (j + 1) * blk);
+      if (flags & kScale) { ps = pscale + t * C; std::fill(ps, ps + C, 0.f); }
+      if (flags & kBias) { pb = pbias + t * C; std::fill(pb, pb + C, 0.f); }
+    } else {
+      r0 = t * blk;
+      r1 = std::min(R, r0 + blk);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = as_f32(x + r * C, C, xbuf);
+      const float* gr = as_f32(g + r * C, C, gbuf);
+      const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
+      const int64_t si = statmap(r);
+      const float m = center ? km[si] : 0.f, d = center ? kd[si] : 0.f, rstd = kr[si];
+      const bool in = !(flags & kMask) || mask[mmap(r)];
+      TX* dxr = dx + r * C;
+      if (pb)
+        for (int64_t i = 0; i < C; ++i) pb[i] += gr[i];
+      if (!in || C == 0) {  // no statistics: y = bias, zero gradient to x
+        for (int64_t i = 0; i < C; ++i) dxr[i] = from_f32<TX>(0.f);
+        a2out[r] = 0.f;
+        continue;
+      }
+      float a1v[kLanes] = {0}, a2v[kLanes] = {0};
+      int64_t i = 0;
+      for (; i + kLanes <= C; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const float gs = s ? gr[i + j] * s[i + j] : gr[i + j];
+          a1v[j] += gs;
+          a2v[j] += gs * ((xr[i + j] - m) - d);
+        }
+      for (int j = 0; i < C; ++i, ++j) {
+        const float gs = s ? gr[i] * s[i] : gr[i];
+        a1v[j] += gs;
+        a2v[j] += gs * ((xr[i] - m) - d);
+      }
+      const float a1 = combine(a1v), a2 = combine(a2v);
+      a2out[r] = a2;
+      // dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n:
+      // gs - a1 / n first, so the cancellation happens before the scaling by rstd.
+      const float inv_n = 1.f / static_cast<float>(C);
+      const float mg = center ? a1 * inv_n : 0.f;
+      const float q = rstd * rstd * a2 * inv_n;
+      const float e0 = center ? ctd[ctdmap(r)] * inv_n : 0.f;
+      const float e1 = 2.f * ctv[ctvmap(r)] * inv_n;
+      if (s) {
+        for (int64_t k = 0; k < C; ++k) {
+          const float xc = (xr[k] - m) - d;
+          dxr[k] = from_f32<TX>(rstd * ((gr[k] * s[k] - mg) - q * xc) + (e0 + e1 * xc));
+        }
+      } else {
+        for (int64_t k = 0; k < C; ++k) {
+          const float xc = (xr[k] - m) - d;
+          dxr[k] = from_f32<TX>(rstd * ((gr[k] - mg) - q * xc) + (e0 + e1 * xc));
+        }
+      }
+      if (ps)
+        for (int64_t k = 0; k < C; ++k) ps[k] += gr[k] * (((xr[k] - m) - d) * rstd);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ handlers
+
+ffi::Error check_f32(const ffi::AnyBuffer& b, const char* what) {
+  if (b.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument(std::string("jaxnorm kernel: ") + what + " must be float32");
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer bias, ffi::AnyBuffer mask, ffi::AnyBuffer eps,
+                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> km,
+                       ffi::Result<ffi::AnyBuffer> kd, ffi::Result<ffi::AnyBuffer> kv,
+                       ffi::Result<ffi::AnyBuffer> kr, int32_t flags) {
+  auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxnorm kernel: x must have rank >= 1");
+  const int64_t C = dims[dims.size() - 1];
+  const auto lead = leading(dims);
+  const int64_t R = product(lead);
+  for (auto* b : {&scale, &bias, &eps})
+    if (auto e = check_f32(*b, "scale/bias/epsilon"); e.failure()) return e;
+  if (mask.element_type() != ffi::DataType::PRED)
+    return ffi::Error::InvalidArgument("jaxnorm kernel: mask must be bool");
+  RowMap smap(lead, scale.dimensions()), bmap(lead, bias.dimensions()),
+      mmap(lead, mask.dimensions()), emap(lead, eps.dimensions());
+  const float* s = static_cast<const float*>(scale.untyped_data());
+  const float* b = static_cast<const float*>(bias.untyped_data());
+  const bool* m = static_cast<const bool*>(mask.untyped_data());
+  const float* e = static_cast<const float*>(eps.untyped_data());
+  float* o[4] = {static_cast<float*>(km->untyped_data()), static_cast<float*>(kd->untyped_data()),
+                 static_cast<float*>(kv->untyped_data()), static_cast<float*>(kr->untyped_data())};
+  const Kind kx = kind_of(x.element_type()), ky = kind_of(y->element_type());
+#define JN_FWD(TX, TY)                                                                     \
+  rows_fwd<TX, TY>(pool, flags, static_cast<const TX*>(x.untyped_data()),                  \
+                   static_cast<TY*>(y->untyped_data()), R, C, s, smap, b, bmap, m, mmap, e, \
+                   emap, o[0], o[1], o[2], o[3])
+#define JN_FWD_Y(TX)                                      \
+  switch (ky) {                                           \
+    case Kind::kF32: JN_FWD(TX, float); break;            \
+    case Kind::kBF16: JN_FWD(TX, bf16); break;            \
+    case Kind::kF16: JN_FWD(TX, f16); break;              \
+    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported output dtype"); \
+  }
+  switch (kx) {
+    case Kind::kF32: JN_FWD_Y(float); break;
+    case Kind::kBF16: JN_FWD_Y(bf16); break;
+    case Kind::kF16: JN_FWD_Y(f16); break;
+    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
+  }
+#undef JN_FWD_Y
+#undef JN_FWD
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                       ffi::AnyBuffer scale, ffi::AnyBuffer mask, ffi::AnyBuffer km,
+                       ffi::AnyBuffer kd, ffi::AnyBuffer kr, ffi::AnyBuffer ctd,
+                       ffi::AnyBuffer ctv, ffi::Result<ffi::AnyBuffer> dx,
+                       ffi::Result<ffi::AnyBuffer> a2, ffi::Result<ffi::AnyBuffer> pscale,
+                       ffi::Result<ffi::AnyBuffer> pbias, int32_t flags) {
+  auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxnorm kernel: x must have rank >= 1");
+  const int64_t C = dims[dims.size() - 1];
+  const auto lead = leading(dims);
+  const int64_t R = product(lead);
+  for (auto* b : {&scale, &km, &kd, &kr, &ctd, &ctv})
+    if (auto e = check_f32(*b, "scale/statistics/cotangents"); e.failure()) return e;
+  if (mask.element_type() != ffi::DataType::PRED)
+    return ffi::Error::InvalidArgument("jaxnorm kernel: mask must be bool");
+  // Partials: (groups..., nb, C) -- one row of C per block of rows of each group.
+  auto pd = pscale->dimensions();
+  if (pd.size() < 2) return ffi::Error::InvalidArgument("jaxnorm kernel: bad partials rank");
+  const int64_t nb = pd[pd.size() - 2];
+  int64_t groups = 1;
+  for (size_t i = 0; i + 2 < pd.size(); ++i) groups *= pd[i];
+  if (groups > 0 && R % groups != 0)
+    return ffi::Error::InvalidArgument("jaxnorm kernel: partial groups do not divide the rows");
+  RowMap smap(lead, scale.dimensions()), mmap(lead, mask.dimensions()),
+      statmap(lead, km.dimensions()), ctdmap(lead, ctd.dimensions()),
+      ctvmap(lead, ctv.dimensions());
+  const float* s = static_cast<const float*>(scale.untyped_data());
+  const bool* m = static_cast<const bool*>(mask.untyped_data());
+  const float* k = static_cast<const float*>(km.untyped_data());
+  const float* d = static_cast<const float*>(kd.untyped_data());
+  const float* r = static_cast<const float*>(kr.untyped_data());
+  const float* cd = static_cast<const float*>(ctd.untyped_data());
+  const float* cv = static_cast<const float*>(ctv.untyped_data());
+  float* a2p = static_cast<float*>(a2->untyped_data());
+  float* ps = static_cast<float*>(pscale->untyped_data());
+  float* pb = static_cast<float*>(pbias->untyped_data());
+  if (kind_of(dx->element_type()) != kind_of(x.element_type()))
+    return ffi::Error::InvalidArgument("jaxnorm kernel: dx must have x's dtype");
+#define JN_BWD(TX, TG)                                                                       \
+  rows_bwd<TX, TG>(pool, flags, static_cast<const TX*>(x.untyped_data()),                    \
+                   static_cast<const TG*>(g.untyped_data()), static_cast<TX*>(dx->untyped_data()), \
+                   R, C, s, smap, m, mmap, k, d, r, statmap, cd, ctdmap, cv, ctvmap, a2p, ps, pb, \
+                   groups, nb)
+#define JN_BWD_G(TX)                                     \
+  switch (kind_of(g.element_type())) {                   \
+    case Kind::kF32: JN_BWD(TX, float); break;           \
+    case Kind::kBF16: JN_BWD(TX, bf16); break;           \
+    case Kind::kF16: JN_BWD(TX, f16); break;             \
+    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported cotangent dtype"); \
+  }
+  switch (kind_of(x.element_type())) {
+    case Kind::kF32: JN_BWD_G(float); break;
+    case Kind::kBF16: JN_BWD_G(bf16); break;
+    case Kind::kF16: JN_BWD_G(f16); break;
+    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
+  }
+#undef JN_BWD_G
+#undef JN_BWD
+  return ffi::Error::Success();
+}
+
+// The second floor of the benchmarks: y = x * 2 + 1 (float32), one read and one write.
+ffi::Error Axpb(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t per = kRowsPerTask;
+  parallel_for(pool, (n + per - 1) / per, [&](int64_t t) {
+    const int64_t i1 = std::min(n, (t + 1) * per);
+    for (int64_t i = t * per; i < i1; ++i) yp[i] = xp[i] * 2.f + 1.f;
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowsFwd, RowsFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // scale (f32)
+                                  .Arg<ffi::AnyBuffer>()   // bias (f32)
+                                  .Arg<ffi::AnyBuffer>()   // mask (bool, per row)
+                                  .Arg<ffi::AnyBuffer>()   // epsilon (f32, per row)
+                                  .Ret<ffi::AnyBuffer>()   // y
+                                  .Ret<ffi::AnyBuffer>()   // mean (shift)
+                                  .Ret<ffi::AnyBuffer>()   // offset
+                                  .Ret<ffi::AnyBuffer>()   // var
+                                  .Ret<ffi::AnyBuffer>()   // rstd
+                                  .Attr<int32_t>("flags"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowsBwd, RowsBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // g
+                                  .Arg<ffi::AnyBuffer>()   // scale
+                                  .Arg<ffi::AnyBuffer>()   // mask
+                                  .Arg<ffi::AnyBuffer>()   // mean
+                                  .Arg<ffi::AnyBuffer>()   // offset
+                                  .Arg<ffi::AnyBuffer>()   // rstd
+                                  .Arg<ffi::AnyBuffer>()   // ct of offset
+                                  .Arg<ffi::AnyBuffer>()   // ct of var
+                                  .Ret<ffi::AnyBuffer>()   // dx
+                                  .Ret<ffi::AnyBuffer>()   // a2 per row
+                                  .Ret<ffi::AnyBuffer>()   // dscale partials
+                                  .Ret<ffi::AnyBuffer>()   // dbias partials
+                                  .Attr<int32_t>("flags"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormAxpb, Axpb,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
