@@ -5,6 +5,12 @@ All of them are one computation, :func:`jaxnorm._vjp.standardize`: statistics fr
 with an analytic backward.  They differ only in which axes are reduced and which
 carry per-feature scale and bias.  This module validates inputs and lays out
 axes; it has no math of its own.
+
+Complex inputs (complex64/complex128, as ``flax.linen``): complex mean, real
+variance ``E|x - mean|^2``, real running variance and complex running mean; scale
+and bias may be real or complex.  They take the plain-autodiff path
+(:func:`jaxnorm._vjp.standardize_reference`), so ``jax.grad`` of a real loss
+follows JAX's complex convention.
 """
 
 from __future__ import annotations
@@ -14,8 +20,20 @@ from typing import Literal
 import jax.numpy as jnp
 
 from . import _axes, _vjp
-from ._stats import Centered, stat_dtype, update_batch_stats
+from ._stats import Centered, real_dtype, stat_dtype, update_batch_stats
 from ._types import Array, Axes, AxisName, BatchStats, CountedBatchStats, DType, Moments
+
+
+def _any_complex(*arrays: Array | None) -> bool:
+  return any(a is not None and jnp.iscomplexobj(a) for a in arrays)
+
+
+def _to_complex(x: Array, *params: Array | None) -> Array:
+  """A real ``x`` meeting complex statistics, scale or bias becomes complex (flax's
+  promotion: the output is complex); its statistics are unchanged."""
+  if jnp.iscomplexobj(x) or not _any_complex(*params):
+    return x
+  return x.astype(jnp.promote_types(x.dtype, jnp.complex64))
 
 
 def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
@@ -25,7 +43,8 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
 
   ``mean``, ``var``, ``scale`` and ``bias`` must broadcast against ``x`` with its
   rank (use ``keepdims=True`` in :func:`moments`).  Computed in at least float32;
-  the result has ``dtype`` (default: the dtype of ``x``).
+  the result has ``dtype`` (default: the dtype of ``x``, complex when ``x``,
+  ``mean``, ``scale`` or ``bias`` is complex; ``var`` must be real).
 
   >>> import jax.numpy as jnp, jaxnorm as jn
   >>> x = jnp.array([[1., 2.], [3., 6.]])
@@ -35,11 +54,16 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
          [ 1.,  1.]], dtype=float32)
   """
   fn = "jaxnorm.normalize"
-  x = _axes.check_floating(x, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=True)
   _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
   all_axes = tuple(range(x.ndim))
-  p = {name: _axes.per_feature(v, name=name, x_shape=x.shape, feature_axes=all_axes, fn=fn)
+  p = {name: _axes.per_feature(v, name=name, x_shape=x.shape, feature_axes=all_axes, fn=fn,
+                               allow_complex=True)
        for name, v in dict(mean=mean, var=var, scale=scale, bias=bias).items()}
+  _axes.check_real(p["var"], fn=fn, name="var",
+                   why="the variance E|x - mean|^2 is real also for complex x (see moments).")
+  x = _to_complex(x, p["mean"], p["scale"], p["bias"])
+  _axes.check_out_dtype(dtype, x.dtype, fn=fn)
   zero = jnp.zeros((), p["mean"].dtype)
   stats = Centered(shift=p["mean"], offset=zero, var=p["var"], count=zero)
   return _vjp.scale_shift(x, stats, p["scale"], p["bias"], epsilon, dtype)
@@ -49,15 +73,19 @@ def _standardize(x: Array, scale, bias, *, reduction_axes: Axes, feature_axes: A
                  where, epsilon, axis_name, axis_index_groups, center: bool, dtype,
                  fn: str) -> Array:
   """Shared body of the feature-wise norms (layer, RMS, instance, group)."""
-  x = _axes.check_floating(x, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=True)
   _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
   red = _axes.canonical_axes(reduction_axes, x.ndim, what="reduction_axes", fn=fn)
   feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
   if not red:
     raise ValueError(f"{fn}: reduction_axes must name at least one axis, got {reduction_axes!r}.")
-  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
-  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
+  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn,
+                            allow_complex=True)
+  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn,
+                           allow_complex=True)
   where = _axes.check_mask(where, x.shape, fn=fn)
+  x = _to_complex(x, scale, bias)
+  _axes.check_out_dtype(dtype, x.dtype, fn=fn)
   y, _, _ = _vjp.standardize(x, red, scale, bias, where=where, epsilon=epsilon,
                              axis_name=axis_name, axis_index_groups=axis_index_groups,
                              center=center, dtype=dtype)
@@ -76,6 +104,8 @@ _COMMON_DOC = """
       device axes (e.g. sequence parallelism); sums and counts are reduced, so the
       result equals the unsplit computation.
     dtype: output dtype (default ``x.dtype``); statistics are at least float32.
+    Complex ``x`` (or complex scale/bias): complex mean, real variance
+      ``E|x - mean|^2``, complex output; gradients by plain autodiff.
 """
 
 
@@ -112,15 +142,20 @@ def instance_norm(x: Array, scale: Array | None = None, bias: Array | None = Non
   """Instance normalization: layer norm over every axis except the batch axis (0)
   and ``feature_axes`` — per sample and per channel, over the spatial axes."""
   fn = "jaxnorm.instance_norm"
-  x = _axes.check_floating(x, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=True)
   feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
   if 0 in feat:
     raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a feature axis "
                      f"(got feature_axes={feature_axes!r}).")
   red = _axes.other_axes((0,) + feat, x.ndim)
-  if not red:
-    raise ValueError(f"{fn}: an input of shape {x.shape} has no axis besides the batch axis 0 "
-                     f"and feature_axes {feat} to reduce over; instance norm needs spatial axes.")
+  if not red:  # flax returns bias here: it normalizes each element by itself
+    raise ValueError(
+        f"{fn}: an input of shape {x.shape} has no spatial axis (none besides the batch axis "
+        f"0 and feature_axes {feat}), so each instance statistic would cover a single element "
+        "and the output would be just `bias` (what flax.linen.InstanceNorm returns). For "
+        "(batch, features) input use jaxnorm.layer_norm (statistics over the features of a "
+        "sample) or jaxnorm.batch_norm (over the batch); for a sequence add its axis, e.g. "
+        "(batch, length, features).")
   return _standardize(x, scale, bias, reduction_axes=red, feature_axes=feat, where=where,
                       epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
                       center=True, dtype=dtype, fn=fn)
@@ -150,7 +185,7 @@ def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
   (H, W, C).  The channel axis is split by a reshape, not a transpose.
   """
   fn = "jaxnorm.group_norm"
-  x = _axes.check_floating(x, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=True)
   (c_ax,) = _axes.canonical_axes(channel_axis, x.ndim, what="channel_axis", fn=fn)
   red = (_axes.canonical_axes(reduction_axes, x.ndim, what="reduction_axes", fn=fn)
          if reduction_axes is not None else tuple(range(1, x.ndim)))
@@ -159,9 +194,12 @@ def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
                      "statistics are shared within a group of channels. Add it, or use "
                      "instance_norm/layer_norm for other patterns.")
   groups = _axes.check_groups(x.shape[c_ax], num_groups, group_size, fn=fn)
-  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=(c_ax,), fn=fn)
-  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=(c_ax,), fn=fn)
+  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=(c_ax,), fn=fn,
+                            allow_complex=True)
+  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=(c_ax,), fn=fn,
+                           allow_complex=True)
   where = _axes.check_mask(where, x.shape, fn=fn)
+  x = _to_complex(x, scale, bias)
   shift = lambda a: a + 1 if a > c_ax else a  # axis index after the split
   xg = _split_channels(x, c_ax, groups)
   red_g = tuple(shift(a) for a in red if a != c_ax) + (c_ax + 1,)
@@ -242,7 +280,7 @@ def batch_norm(x: Array, stats: BatchStats | CountedBatchStats, scale: Array | N
   """
   fn = "jaxnorm.batch_norm"
   training = _axes.check_training(training, fn=fn)
-  x = _axes.check_floating(x, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=True)
   _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
   _axes.check_momentum(momentum, fn=fn)
   _axes.check_choice(degenerate, ("running", "batch"), fn=fn, name="degenerate")
@@ -253,17 +291,26 @@ def batch_norm(x: Array, stats: BatchStats | CountedBatchStats, scale: Array | N
                      "leaving nothing to reduce. Batch norm needs a batch axis.")
   stats = _axes.check_batch_stats(stats, x.shape, feat, fn=fn)
   _axes.check_counted(stats, momentum, debias, fn=fn)
-  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
-  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
+  _axes.check_complex_stats(stats, x.dtype, fn=fn)
+  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn,
+                            allow_complex=True)
+  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn,
+                           allow_complex=True)
   where = _axes.check_mask(where, x.shape, fn=fn)
   bshape = _axes.broadcast_shape(x.shape, feat)
   cdtype = stat_dtype(x.dtype)
+  _axes.check_out_dtype(dtype, jnp.result_type(x, *(p for p in (scale, bias) if p is not None)),
+                        fn=fn)
+  complex_affine = None  # complex scale/bias on a real x: real statistics (as flax), then
+  if not jnp.iscomplexobj(x) and _any_complex(scale, bias):  # the affine map in complex
+    complex_affine, scale, bias, dtype = (scale, bias, dtype), None, None, cdtype
   run_mean = stats.mean.reshape(bshape).astype(cdtype)
-  run_var = stats.var.reshape(bshape).astype(cdtype)
+  run_var = stats.var.reshape(bshape).astype(real_dtype(cdtype))
   if not training:
     zero = jnp.zeros((), cdtype)
     used = Centered(shift=run_mean, offset=zero, var=run_var, count=zero)
-    return _vjp.scale_shift(x, used, scale, bias, epsilon, dtype), stats
+    y = _vjp.scale_shift(x, used, scale, bias, epsilon, dtype)
+    return _apply_complex_affine(y, x.dtype, complex_affine), stats
 
   y, batch, usable = _vjp.standardize(
       x, red, scale, bias, where=where, epsilon=epsilon, axis_name=axis_name,
@@ -276,4 +323,16 @@ def batch_norm(x: Array, stats: BatchStats | CountedBatchStats, scale: Array | N
   new_stats = update_batch_stats(stats, batch_moments, momentum=momentum,
                                  where=None if usable is None else flat(usable),
                                  unbiased_var=unbiased_var, debias=debias)
-  return y, new_stats
+  return _apply_complex_affine(y, x.dtype, complex_affine), new_stats
+
+
+def _apply_complex_affine(y: Array, x_dtype, complex_affine) -> Array:
+  """``y * scale + bias`` with complex ``scale``/``bias`` deferred by :func:`batch_norm`
+  (``y`` standardized in the real statistics dtype); output dtype as flax's promotion."""
+  if complex_affine is None:
+    return y
+  scale, bias, dtype = complex_affine
+  out = dtype or jnp.result_type(x_dtype, *(p for p in (scale, bias) if p is not None))
+  y = y.astype(out)
+  y = y if scale is None else y * scale.astype(out)
+  return (y if bias is None else y + bias.astype(out)).astype(out)

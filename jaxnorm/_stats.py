@@ -308,13 +308,17 @@ def update_batch_stats(stats: BatchStats | CountedBatchStats, batch_moments: Mom
       raise ValueError(f"{fn}: running {name} has shape {jnp.shape(old)} but the batch {name} "
                        f"has shape {jnp.shape(new)}. Compute the moments without keepdims, "
                        "reducing every non-feature axis.")
+  if jnp.iscomplexobj(batch_moments.mean) and not jnp.iscomplexobj(stats.mean):
+    raise TypeError(f"{fn}: the batch mean is complex but the running mean is real "
+                    f"({jnp.result_type(stats.mean)}): the update would drop the imaginary part. "
+                    "Use jaxnorm.init_batch_stats(shape, dtype=jnp.complex64).")
   batch_var = batch_moments.var
   if unbiased_var:
     n = batch_moments.count
     batch_var = batch_var * jnp.where(n > 1, n / jnp.where(n > 1, n - 1, 1), 1)
 
   if momentum is None or debias:
-    t = stats.count.astype(stat_dtype(stats.mean.dtype))  # earlier updates
+    t = stats.count.astype(stat_dtype(stats.var.dtype))  # earlier updates (var: real)
     if momentum is None:
       weight = 1 / (t + 1)
     else:  # (1 - d) / (1 - d^(t+1)), accurate for d near 1; d == 1 is the cumulative limit

@@ -12,6 +12,7 @@ from jax.nn import initializers
 
 from .. import _axes
 from .._norms import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from .._stats import real_dtype
 from .._types import Axes, BatchStats, CountedBatchStats, DType
 from ._population import sow_batch_moments
 
@@ -28,6 +29,15 @@ def _running(count, *, mean, var) -> BatchStats | CountedBatchStats:
 def _param(mdl: nn.Module, name: str, init: Initializer, shape, param_dtype) -> jax.Array:
   """A per-feature parameter, created exactly as flax does (a list shape)."""
   return mdl.param(name, init, list(shape), param_dtype)
+
+
+def _widen_mean(mean: jax.Array, x: jax.Array) -> jax.Array:
+  """A real running mean (e.g. from flax's ``init``, which creates it float32) meeting a
+  complex input is widened to complex (a cast; flax's mean turns complex on its first
+  update the same way)."""
+  if jnp.iscomplexobj(x) and not jnp.iscomplexobj(mean):
+    return mean.astype(jnp.promote_types(mean.dtype, x.dtype))
+  return mean
 
 
 def _affine(mdl: nn.Module, x: jax.Array, fshape, *, use_scale: bool, use_bias: bool):
@@ -123,13 +133,15 @@ class BatchNorm(nn.Module, kw_only=True):
     use_running_average = _axes.check_training(
         nn.merge_param("use_running_average", self.use_running_average, use_running_average),
         fn=fn, name="use_running_average")
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.axis, x.ndim, what="axis", fn=fn)
     fshape = _axes.feature_shape(x.shape, feat)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype),
+    var_dtype = real_dtype(stats_dtype)  # complex input: complex mean, real var
+    mean_dtype = jnp.promote_types(stats_dtype, x.dtype) if jnp.iscomplexobj(x) else var_dtype
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype),
                             list(fshape))
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype),
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype),
                            list(fshape))
     ra_count = (self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32),
                               list(fshape)) if self.momentum is None or self.debias else None)
@@ -137,7 +149,7 @@ class BatchNorm(nn.Module, kw_only=True):
                                      use_bias=self.use_bias)
     initializing = self.is_initializing()
     y, new_stats = batch_norm(
-        x, _running(ra_count, mean=ra_mean.value, var=ra_var.value), scale, bias,
+        x, _running(ra_count, mean=_widen_mean(ra_mean.value, x), var=ra_var.value), scale, bias,
         training=not use_running_average, feature_axes=feat, momentum=self.momentum,
         epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
@@ -192,7 +204,7 @@ class LayerNorm(nn.Module, kw_only=True):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     fn = "jaxnorm.linen.LayerNorm"
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.feature_axes, x.ndim, what="feature_axes", fn=fn)
     scale, bias, out_dtype = _affine(self, x, _axes.feature_shape(x.shape, feat),
                                      use_scale=self.use_scale, use_bias=self.use_bias)
@@ -232,7 +244,7 @@ class RMSNorm(nn.Module, kw_only=True):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     fn = "jaxnorm.linen.RMSNorm"
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.feature_axes, x.ndim, what="feature_axes", fn=fn)
     scale, _, out_dtype = _affine(self, x, _axes.feature_shape(x.shape, feat),
                                   use_scale=self.use_scale, use_bias=False)
@@ -279,7 +291,7 @@ class GroupNorm(nn.Module, kw_only=True):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     fn = "jaxnorm.linen.GroupNorm"
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     if x.ndim == 0:
       raise ValueError(f"{fn}: the input must have a channel axis (the last), got a scalar.")
     scale, bias, out_dtype = _affine(self, x, x.shape[-1:], use_scale=self.use_scale,
@@ -324,7 +336,7 @@ class InstanceNorm(nn.Module, kw_only=True):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     fn = "jaxnorm.linen.InstanceNorm"
-    x = _axes.check_floating(x, fn=fn)
+    x = _axes.check_floating(x, fn=fn, allow_complex=True)
     feat = _axes.canonical_axes(self.feature_axes, x.ndim, what="feature_axes", fn=fn)
     scale, bias, out_dtype = _affine(self, x, _axes.feature_shape(x.shape, feat),
                                      use_scale=self.use_scale, use_bias=self.use_bias)
