@@ -104,6 +104,9 @@ CASES = (
     Case("rms_norm/fwd+bwd", "rms_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8),
     Case("group_norm/fwd/nhwc", "group_norm", GN, GN_Q, GN_T, target=1.3),
     Case("group_norm/fwd+bwd/nhwc", "group_norm", GN, GN_Q, GN_T, grad=True, target=2.5),
+    # BN folding (inference): 'jaxnorm' = conv3x3 with the folded kernel/bias + relu;
+    # linen/nnx/torch = their conv3x3 + batch norm (eval) + relu, unfolded
+    Case("fold/conv3x3+bn+relu/eval/nhwc", "conv_bn_relu", NHWC, NHWC_Q, NHWC_T),
 )
 
 BN_EPS, EPS, GROUPS, MOMENTUM = 1e-5, 1e-6, 32, 0.99
@@ -434,6 +437,157 @@ def build_torch(case: Case, inputs: Inputs, *, allow_off_cpu: bool = False) -> R
   return Runner("torch", call, outputs)
 
 
+def _conv_bn_relu_runner(name: str, case: Case, inputs: Inputs) -> Runner:
+  """The BN-folding case: ``relu(BN_eval(conv3x3(x)))`` on NHWC, C -> C channels.
+
+  ``jaxnorm`` runs it folded (:func:`jaxnorm.fold_batch_norm`: one conv with the
+  folded kernel and bias, then relu); ``flax.linen``, ``flax.nnx`` and ``torch`` run
+  their conv, their batch norm in evaluation and relu, unfolded.  The report
+  prints the speed-up (unfolded / folded); the outputs are cross-checked.
+  """
+  if name in ("floor", "floor-ffi"):
+    return (build_floor if name == "floor" else build_floor_ffi)(case, inputs)
+  if name not in ("jaxnorm", "flax.linen", "flax.nnx", "torch"):
+    raise Unavailable("not applicable to the folding case")
+  c = inputs.x.shape[-1]
+  rng = np.random.default_rng(1)
+  w = (rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c)).astype(np.float32)  # HWIO
+  b = (0.1 * rng.standard_normal(c)).astype(np.float32)
+  if name == "torch":
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(_cores())
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    x = t(inputs.x).permute(0, 3, 1, 2)  # NHWC memory as channels_last NCHW
+    tw = t(w.transpose(3, 2, 0, 1)).contiguous(memory_format=torch.channels_last)
+    bn = [t(a) for a in (inputs.run_mean, inputs.run_var, inputs.scale, inputs.bias)]
+
+    def call():
+      with torch.no_grad():
+        return F.relu(F.batch_norm(F.conv2d(x, tw, t(b), padding=1), *bn[:2], *bn[2:],
+                                   training=False, eps=BN_EPS))
+    return Runner("torch", call, lambda: [call().permute(0, 2, 3, 1).contiguous().numpy()])
+  import jax
+  import jax.numpy as jnp
+  if name == "jaxnorm":
+    import jaxnorm as jn
+    stats = jn.BatchStats(mean=jnp.asarray(inputs.run_mean), var=jnp.asarray(inputs.run_var))
+    kernel, bias = jn.fold_batch_norm(w, b, stats, inputs.scale, inputs.bias, epsilon=BN_EPS)
+    params = {"kernel": kernel, "bias": bias}
+
+    def apply(x, p, state):
+      y = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jax.nn.relu(y + p["bias"].reshape(1, 1, 1, c)), state
+    return _jax_runner(name, case, inputs, apply, params, None, lambda *a: [])
+  bn_vars = dict(scale=inputs.scale, bias=inputs.bias, mean=inputs.run_mean, var=inputs.run_var)
+  if name == "flax.linen":
+    import flax.linen as nn
+    conv = nn.Conv(c, (3, 3), padding="SAME")
+    bn = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS)
+    params = {"conv": {"kernel": w, "bias": b},
+              "bn": {k: bn_vars[k] for k in ("scale", "bias")}}
+    stats = {k: bn_vars[k] for k in ("mean", "var")}
+
+    def apply(x, p, state):
+      y = conv.apply({"params": p["conv"]}, x)
+      return nn.relu(bn.apply({"params": p["bn"], "batch_stats": state}, y)), state
+    return _jax_runner(name, case, inputs, apply, jax.tree.map(jnp.asarray, params),
+                       jax.tree.map(jnp.asarray, stats), lambda *a: [])
+  from flax import nnx
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(nnx.Conv(c, c, (3, 3), padding="SAME", rngs=rngs),
+                         nnx.BatchNorm(c, use_running_average=True, epsilon=BN_EPS, rngs=rngs),
+                         nnx.relu)
+  model.layers[0].kernel[...], model.layers[0].bias[...] = jnp.asarray(w), jnp.asarray(b)
+  for k, v in bn_vars.items():
+    getattr(model.layers[1], k)[...] = jnp.asarray(v)
+  graphdef, state = nnx.split(model)
+  return _jax_runner(name, case, inputs, lambda x, p, st: (nnx.merge(graphdef, st)(x), st),
+                     None, state, lambda *a: [])
+
+
+def _model_runner(name: str, case: Case, inputs: Inputs) -> Runner:
+  """Model-level cases, forward+backward (``jax.grad`` of ``sum(out * g)`` w.r.t. x and
+  every parameter; the cross-check compares dx).
+
+  ``transformer_block``: pre-LN block ``h = x + attn(LN1(x))``, ``out = h +
+  mlp(LN2(h))`` (8 heads, MLP 4x, gelu).  ``resnet_bottleneck``: NHWC ``relu(x +
+  BN3(conv1x1(relu(BN2(conv3x3(relu(BN1(conv1x1(x)))))))))`` with C/4 inner channels,
+  batch norm in training mode.  The norms are jaxnorm's (``jaxnorm``: CPU kernels
+  where they apply, ``jaxnorm-xla``: kernels off) or flax.linen's.
+  """
+  if name in ("floor", "floor-ffi"):
+    return (build_floor if name == "floor" else build_floor_ffi)(case, inputs)
+  if name not in ("jaxnorm", "jaxnorm-xla", "flax.linen"):
+    raise Unavailable("model cases compare jaxnorm (kernels on/off) with flax.linen")
+  import jax
+  import jax.numpy as jnp
+  dtype = _jax_dtype(inputs.dtype)
+  rng = np.random.default_rng(2)
+  c = inputs.x.shape[-1]
+  dense = lambda i, o, *k: jnp.asarray(rng.standard_normal((*k, i, o)) / np.sqrt(i * max(
+      1, math.prod(k))), jnp.float32)
+  ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
+  if name == "flax.linen":
+    import flax.linen as nn
+  else:
+    import jaxnorm as jn
+  xla = name == "jaxnorm-xla"
+
+  def layer_norm(x, s, b):
+    if name == "flax.linen":
+      return nn.LayerNorm(epsilon=EPS, dtype=dtype).apply({"params": {"scale": s, "bias": b}}, x)
+    with jn.no_kernels() if xla else contextlib.nullcontext():
+      return jn.layer_norm(x, s, b, epsilon=EPS)
+
+  def batch_norm(x, s, b, st):
+    if name == "flax.linen":
+      y, upd = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=BN_EPS,
+                            dtype=dtype).apply({"params": {"scale": s, "bias": b},
+                                                "batch_stats": st}, x, mutable=["batch_stats"])
+      return y, upd["batch_stats"]
+    y, new = jn.batch_norm(x, jn.BatchStats(**st), s, b, training=True, momentum=MOMENTUM,
+                           epsilon=BN_EPS)
+    return y, {"mean": new.mean, "var": new.var}
+
+  mm = lambda a, w: jnp.dot(a, w.astype(a.dtype))
+  if case.norm == "transformer_block":
+    heads = 8
+    params = {"ln1": (ones, zeros), "ln2": (ones, zeros), "qkv": dense(c, 3 * c),
+              "o": dense(c, c), "w1": dense(c, 4 * c), "w2": dense(4 * c, c)}
+    state = None
+
+    def apply(x, p, state):
+      bsz, t, _ = x.shape
+      q, k, v = jnp.split(mm(layer_norm(x, *p["ln1"]), p["qkv"]), 3, axis=-1)
+      split = lambda a: a.reshape(bsz, t, heads, c // heads)
+      att = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", split(q), split(k))
+                           / np.sqrt(c // heads).astype(np.float32), axis=-1)
+      o = jnp.einsum("bhts,bshd->bthd", att, split(v)).reshape(bsz, t, c)
+      h = x + mm(o, p["o"])
+      return h + mm(jax.nn.gelu(mm(layer_norm(h, *p["ln2"]), p["w1"])), p["w2"]), state
+  else:
+    ci = c // 4
+    conv = lambda a, w: jax.lax.conv_general_dilated(
+        a, w.astype(a.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    bn_p = lambda n: (jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    params = {"w1": dense(c, ci, 1, 1), "w2": dense(ci, ci, 3, 3), "w3": dense(ci, c, 1, 1),
+              "bn1": bn_p(ci), "bn2": bn_p(ci), "bn3": bn_p(c)}
+    st = lambda n: {"mean": jnp.zeros((n,), jnp.float32), "var": jnp.ones((n,), jnp.float32)}
+    state = {"bn1": st(ci), "bn2": st(ci), "bn3": st(c)}
+
+    def apply(x, p, state):
+      new = {}
+      h = x
+      for i, w in ((1, "w1"), (2, "w2"), (3, "w3")):
+        h, new[f"bn{i}"] = batch_norm(conv(h, p[w]), *p[f"bn{i}"], state[f"bn{i}"])
+        h = jax.nn.relu(h) if i < 3 else h
+      return jax.nn.relu(x + h), new
+
+  return _jax_runner(name, case, inputs, apply, params, state, lambda dx, dp: [dx])
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -501,7 +655,8 @@ def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
   skipped: dict[str, str] = {}
   for name in competitors:
     try:
-      runners.append(builders[name](case, inputs))
+      runners.append(_conv_bn_relu_runner(name, case, inputs) if case.norm == "conv_bn_relu"
+                     else builders[name](case, inputs))
     except Unavailable as e:
       skipped[name] = str(e)
   for r in runners:  # warm-up (compilation already done; first-call allocations, caches)
@@ -647,6 +802,12 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
   out += ["Summary (time as a multiple of the floor; 'met' judges jaxnorm against "
           "the issue's target):", ""]
   out += summary_table(results, md) + [""]
+  for r in results:  # BN folding: the inference speed-up (measured, never asserted)
+    if r.case.norm == "conv_bn_relu":
+      ups = [f"{n} {1 / v:.2f}x" for n in ("flax.linen", "flax.nnx", "torch")
+             if (v := r.ratio("jaxnorm", n)) is not None]
+      out += [f"BN folding speed-up ({r.case.name}: unfolded time / folded jaxnorm time): "
+              + (", ".join(ups) or "no unfolded competitor ran"), ""]
   out += ["Detail (XLA figures: compiled.cost_analysis() bytes accessed, "
           "compiled.memory_analysis() temporary bytes):", ""]
   out += detail_table(results, md)

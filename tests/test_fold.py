@@ -336,3 +336,15 @@ def test_nnx_fold_in_place_exact():
     jnnx.fold_batch_norms(model, [("conv", "nope")])
   with pytest.raises(TypeError, match="without a kernel"):
     jnnx.fold_batch_norms(Net(nnx.Rngs(1)), [("bn", "bn3")])
+
+
+def test_benchmark_case_runs_and_agrees(capsys):
+  pytest.importorskip("flax")
+  from jaxnorm import benchmarks
+  argv = ["--tiny", "--rounds", "2", "--max-seconds", "0", "--quiet", "--cases", "^fold/",
+          "--competitors", "floor,jaxnorm,flax.linen,flax.nnx,torch"]
+  assert benchmarks.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "fold/conv3x3+bn+relu/eval/nhwc" in out and "BN folding speed-up" in out
+  assert "DIFFERS:" not in out  # the folded block computes what the unfolded ones do
+  assert out.count(" ok") >= 3
