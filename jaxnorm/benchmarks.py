@@ -106,7 +106,7 @@ CASES = (
     Case("group_norm/fwd+bwd/nhwc", "group_norm", GN, GN_Q, GN_T, grad=True, target=2.5),
     # BN folding (inference): 'jaxnorm' = conv3x3 with the folded kernel/bias + relu;
     # linen/nnx/torch = their conv3x3 + batch norm (eval) + relu, unfolded
-    Case("fold/conv3x3+bn+relu/eval/nhwc", "conv_bn_relu", NHWC, NHWC_Q, NHWC_T),
+    Case("fold/conv3x3+bn+relu/eval/nhwc", "conv_bn_relu", (16, 32, 32, 64), NHWC_Q, NHWC_T),
 )
 
 BN_EPS, EPS, GROUPS, MOMENTUM = 1e-5, 1e-6, 32, 0.99
