@@ -203,10 +203,10 @@ def _make_primitive(name, abstract, impl, n_full, target):
   mlir.register_lowering(prim, lower_cpu, platform="cpu")
 
   def batch(args, dims, **params):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     out = []
     for i, (a, d) in enumerate(zip(args, dims)):
-      if d is batching.not_mapped:  # full-size operands are broadcast, the others get a 1
+      if d is None:  # full-size operands are broadcast, the others get a 1
         a = (jnp.broadcast_to(a, (size,) + a.shape) if i < n_full
              else jnp.expand_dims(a, 0))
       else:
