@@ -36,6 +36,10 @@ The backward is written with differentiable ``jnp``/``lax`` ops, so the fast pat
 is differentiable to any order in reverse mode (``grad`` of ``grad``,
 ``jax.hessian``).  Forward mode applied directly to it (``jax.jvp``, ``jax.jacfwd``
 of the normalizer) is not available: that is a property of ``jax.custom_vjp``.
+On the CPU, layer and RMS norm over trailing axes run on fused C++ kernels instead
+(:mod:`jaxnorm._cpu`, XLA FFI custom calls behind their own custom VJP; see
+:func:`_kernels_cover` for what they cover); :func:`jaxnorm.no_kernels` and
+``JAXNORM_KERNELS=0`` switch them off.
 ``ENABLED = False`` (read at trace time) switches every caller to
 :func:`standardize_reference`, plain autodiff of ``centered_moments`` and
 :func:`scale_shift` (the benchmarks' ``--reference`` rows).
