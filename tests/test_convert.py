@@ -105,11 +105,22 @@ def test_torch_cnn_eval_and_training_statistics():
     y_t = tnet(torch.from_numpy(xe)).numpy()
   y_j = model.apply(variables, nhwc(xe))
   assert rel_err(y_j, y_t) < 1e-5
-  # k more training steps on both sides (same SGD): the running statistics agree
+  # k training-mode steps with the weights fixed: the running statistics agree
   tnet.train()
+  params, bstats = variables["params"], variables["batch_stats"]
+  fwd = jax.jit(lambda p, s, xb: model.apply({"params": p, "batch_stats": s}, xb, train=True,
+                                             mutable=["batch_stats"])[1]["batch_stats"])
+  for xb in batches[:3]:
+    with torch.no_grad():
+      tnet(torch.from_numpy(xb))
+    bstats = fwd(params, bstats, nhwc(xb))
+  sd = tnet.state_dict()
+  assert max_err(bstats["bn"]["mean"], sd["bn.running_mean"].numpy()) < 1e-6
+  assert max_err(bstats["bn"]["var"], sd["bn.running_var"].numpy()) < 1e-6
+  # and k SGD steps on both sides: the same trajectory up to float32 rounding of the
+  # gradients (which moves the weights, hence the statistics, by ~1e-5)
   import optax
   tx = optax.sgd(0.05)
-  params, bstats = variables["params"], variables["batch_stats"]
   ostate = tx.init(params)
 
   @jax.jit
@@ -128,8 +139,8 @@ def test_torch_cnn_eval_and_training_statistics():
     opt.step()
     params, bstats, ostate = step(params, bstats, ostate, nhwc(xb), yb)
   sd = tnet.state_dict()
-  assert max_err(bstats["bn"]["mean"], sd["bn.running_mean"].numpy()) < 1e-5
-  assert max_err(bstats["bn"]["var"], sd["bn.running_var"].numpy()) < 1e-5
+  assert max_err(bstats["bn"]["mean"], sd["bn.running_mean"].numpy()) < 1e-4
+  assert max_err(bstats["bn"]["var"], sd["bn.running_var"].numpy()) < 1e-4
   # the weights followed the same SGD path (up to float32 rounding of the gradients)
   np.testing.assert_allclose(params["conv"]["kernel"],
                              jn.conv_kernel_from_torch(sd["conv.weight"]), atol=1e-4)
