@@ -249,6 +249,15 @@ def test_torch_momentum_none_cumulative_average():
   sd = bn.state_dict()
   assert max_err(st.mean, sd["running_mean"].numpy()) < 1e-6
   assert max_err(st.var, sd["running_var"].numpy()) < 1e-6
+  # the linen module built from the converted fields does the same
+  from jaxnorm import linen as jnn
+  module = jnn.BatchNorm(use_running_average=False, **conv.fields)
+  variables = conv.variables
+  for x in xs[2:]:
+    _, upd = module.apply(variables, x, mutable=["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+  assert max_err(variables["batch_stats"]["var"], sd["running_var"].numpy()) < 1e-6
+  np.testing.assert_array_equal(variables["batch_stats"]["count"], [5, 5, 5])
   back, kwargs = jn.to_torch(
       {"params": p, "batch_stats": st._asdict()}, kind="batch_norm", epsilon=1e-5,
       momentum=None)
@@ -418,6 +427,17 @@ def test_haiku_batch_norm_debiased_state():
                           debias=True)
   assert max_err(st.mean, me["average"][0]) < 1e-5
   assert max_err(st.var, ve["average"][0]) < 1e-5
+  # the linen module built from the converted fields (debias=True) does the same
+  from jaxnorm import linen as jnn
+  module = jnn.BatchNorm(use_running_average=False, **conv.fields)
+  lv = jax.tree.map(jnp.asarray, v)
+  lv = {"params": jax.tree.map(lambda a: a.astype(jnp.float32), lv["params"]),
+        "batch_stats": {k: a.astype(jnp.int32 if k == "count" else jnp.float32)
+                        for k, a in lv["batch_stats"].items()}}
+  for x in xs[3:]:
+    _, upd = module.apply(lv, jnp.asarray(x, jnp.float32), mutable=["batch_stats"])
+    lv = {"params": lv["params"], "batch_stats": upd["batch_stats"]}
+  assert max_err(lv["batch_stats"]["var"], ve["average"][0]) < 1e-5
   # back to Haiku: shapes [1, C], average = running average; with counter 2**30 Haiku's next
   # (debiased) update equals jaxnorm's plain EMA
   plain = {"params": v["params"], "batch_stats": {k: v["batch_stats"][k] for k in ("mean",
