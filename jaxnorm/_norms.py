@@ -150,7 +150,7 @@ def instance_norm(x: Array, scale: Array | None = None, bias: Array | None = Non
   red = _axes.other_axes((0,) + feat, x.ndim)
   if not red:  # flax returns bias here: it normalizes each element by itself
     raise ValueError(
-        f"{fn}: an input of shape {x.shape} has no spatial axis (none besides the batch axis "
+        f"{fn}: an input of shape {x.shape} has no spatial axis (no axis besides the batch axis "
         f"0 and feature_axes {feat}), so each instance statistic would cover a single element "
         "and the output would be just `bias` (what flax.linen.InstanceNorm returns). For "
         "(batch, features) input use jaxnorm.layer_norm (statistics over the features of a "
