@@ -96,13 +96,21 @@ def _build() -> pathlib.Path:
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-    tmp_out = pathlib.Path(tmp) / out.name
-    cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
-    os.replace(tmp_out, out)  # atomic: concurrent builders agree
+  with open(out.with_suffix(".lock"), "w") as lock:
+    try:  # one build at a time: other processes wait for it and then load it
+      import fcntl
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+      pass
+    if out.exists():
+      return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+      tmp_out = pathlib.Path(tmp) / out.name
+      cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+      os.replace(tmp_out, out)  # atomic
   return out
 
 
