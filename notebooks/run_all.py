@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     print(f"[{'ok' if src.name not in failed else 'FAIL'}] {src.name} {times[src.name]:.0f} s",
           flush=True)
     found[src.name] = verdicts(nb)
+    if args.verdicts:  # after every notebook, so a long run that is stopped keeps its part
+      with open(args.verdicts, "w") as f:
+        json.dump(found, f, indent=1)
     if args.write and src.name not in failed:
       _tidy(nb)
       jupytext.write(nb, src.with_suffix(".ipynb"))
@@ -103,9 +106,6 @@ def main(argv=None) -> int:
   for name, vs in found.items():
     for status, claim in vs:
       print(f"  {name[:2]}  {status:26s} {claim}")
-  if args.verdicts:
-    with open(args.verdicts, "w") as f:
-      json.dump(found, f, indent=1)
   if failed:
     print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1
