@@ -261,7 +261,11 @@ def _power_iteration(m: Array, u: Array, n_steps: int, epsilon: Array) -> tuple[
   """
   def step(_, u):
     return _l2_normalize(m @ _l2_normalize(m.T @ u, epsilon), epsilon)
-  u = lax.fori_loop(0, n_steps, step, u) if n_steps else u
+  if n_steps <= 4:  # unrolled: the usual 1 step needs no loop
+    for i in range(n_steps):
+      u = step(i, u)
+  else:
+    u = lax.fori_loop(0, n_steps, step, u)
   return u, _l2_normalize(m.T @ u, epsilon)
 
 
@@ -314,6 +318,7 @@ def _check_state(state: Any, w: Array, axis: int, *, fn: str) -> SpectralState:
       raise TypeError(f"{fn}: state must be a jaxnorm.SpectralState(u, sigma), got "
                       f"{type(state).__name__}. Create one with "
                       f"jaxnorm.init_spectral_state(key, w, out_axis={axis}).")
+  original = state
   u, sigma = (jnp.asarray(a) for a in state)
   for name, a, shape in (("u", u, (w.shape[axis],)), ("sigma", sigma, ())):
     if a.shape != shape:
@@ -325,6 +330,8 @@ def _check_state(state: Any, w: Array, axis: int, *, fn: str) -> SpectralState:
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise TypeError(f"{fn}: state.{name} must be floating, got dtype {a.dtype}. Re-create "
                       "the state with jaxnorm.init_spectral_state.")
+  if all(isinstance(a, jax.Array) for a in original):
+    return original  # evaluation returns the very state it was given
   return SpectralState(u=u, sigma=sigma)
 
 
