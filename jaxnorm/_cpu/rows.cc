@@ -55,9 +55,10 @@ template <> inline f16 from_f32<f16>(float v) { return static_cast<f16>(v); }
 template <> inline bf16 from_f32<bf16>(float v) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // a select, not a branch: vectorises
+  return bf16{static_cast<uint16_t>(nan ? quiet : rounded)};
 }
 
 enum class Kind { kF32, kBF16, kF16, kOther };
