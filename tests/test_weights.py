@@ -445,8 +445,10 @@ def test_linen_spectral_norm_eval_is_frozen_and_init_keeps_kernel():
   assert kernel.shape == plain["params"]["kernel"].shape
   stats = v["batch_stats"]
   s0 = stats["layer_instance/kernel/sigma"]
-  # init stored the raw kernel (flax.linen's SpectralNorm stores W / sigma there)
+  # init stored the raw kernel (flax.linen's SpectralNorm stores W / sigma there, whose
+  # largest singular value is 1)
   assert abs(float(s0) - np.linalg.svd(np.asarray(kernel, F64), compute_uv=False)[0]) < 1e-3
+  assert abs(float(s0) - 1) > 0.05
   y, upd = sn.apply(v, x, update_stats=False, mutable=["batch_stats"])
   for k in stats:
     np.testing.assert_array_equal(upd["batch_stats"][k], stats[k])

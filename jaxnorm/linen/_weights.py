@@ -238,7 +238,10 @@ class SpectralNorm(nn.Module, kw_only=True):
   power iterations, ``sigma`` differentiable through ``w``, new ``u`` and
   ``sigma`` stored.  ``update_stats=False`` (evaluation): ``w / sigma`` with the
   stored ``sigma``, no iteration, nothing written -- unlike flax.linen, whose
-  evaluation still iterates.  During ``init`` nothing is updated.
+  evaluation still iterates.  During ``init`` nothing is updated, and the wrapped
+  layer's ``params`` hold its own initial kernel (flax.linen's ``SpectralNorm``
+  stores ``W / sigma`` there, since ``nn.map_variables(init=True)`` writes the
+  mapped value back).
 
   ``error_on_non_matrix=True`` raises for parameters of more than two axes
   (otherwise they are flattened around ``out_axis``); one-axis parameters (biases)
