@@ -143,7 +143,8 @@ def test_modulate_and_gated_residual():
         x, jn.modulate(h, shift, scale), gate).sum()
     r = lambda x, h, gate, shift, scale: (x + layout(gate, x.shape, (2,), jnp)
                                           * modulate_ref(h, shift, scale, xp=jnp)).sum()
-    for u, v in zip(jax.grad(f, tuple(range(5)))(*a), jax.grad(r, tuple(range(5)))(*a)):
+    for u, v in zip(jax.jit(jax.grad(f, tuple(range(5))))(*a),
+                    jax.jit(jax.grad(r, tuple(range(5))))(*a)):
       np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
   # bf16: computed in float32, rounded once
   xb, sb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(scale, jnp.bfloat16)
@@ -160,7 +161,8 @@ def test_adaptive_norm_bf16_and_mask():
   x = RNG.standard_normal((2, 6, 8)) + 3.0
   shift, scale = RNG.standard_normal((2, 8)), RNG.standard_normal((2, 8)) * 0.3
   xb = jnp.asarray(x, jnp.bfloat16)
-  y = jn.adaptive_norm(xb, jnp.asarray(shift, jnp.bfloat16), jnp.asarray(scale, jnp.bfloat16))
+  ada = jax.jit(jn.adaptive_norm, static_argnames="norm")
+  y = ada(xb, jnp.asarray(shift, jnp.bfloat16), jnp.asarray(scale, jnp.bfloat16))
   assert y.dtype == jnp.bfloat16
   r = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), F64)
   want = modulate_ref(norm_ref(r(x), "layer", eps=1e-6), r(shift), r(scale))
@@ -168,10 +170,9 @@ def test_adaptive_norm_bf16_and_mask():
   # a mask selects the elements of the statistics (instance norm over padded tokens)
   where = np.arange(6)[None, :, None] < np.array([6, 4])[:, None, None]
   xf = jnp.asarray(x, jnp.float32)
-  ym = jn.adaptive_norm(xf, shift, scale, norm="instance", where=where)
-  np.testing.assert_allclose(ym[1, :4], jn.adaptive_norm(xf[1:, :4], shift[1:], scale[1:],
-                                                         norm="instance")[0], rtol=1e-5,
-                             atol=1e-5)
+  ym = ada(xf, shift, scale, norm="instance", where=where)
+  np.testing.assert_allclose(ym[1, :4], ada(xf[1:, :4], shift[1:], scale[1:],
+                                            norm="instance")[0], rtol=1e-5, atol=1e-5)
 
 
 def test_conditional_batch_norm_matches_reference_and_batch_norm():
@@ -200,7 +201,7 @@ def test_conditional_batch_norm_matches_reference_and_batch_norm():
                               * g).sum()
     ref = lambda x, st, bt: (cbn_ref(x, rm, rv, lab, st, bt, training=True, momentum=0.99,
                                      eps=1e-5, xp=jnp)[0] * g).sum()
-    got, exp = jax.grad(ours, (0, 1, 2))(*a), jax.grad(ref, (0, 1, 2))(*a)
+    got, exp = jax.jit(jax.grad(ours, (0, 1, 2)))(*a), jax.jit(jax.grad(ref, (0, 1, 2)))(*a)
   for name, u, v in zip(("x", "scale_table", "bias_table"), got, exp):
     np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-10, err_msg=name)
   assert not np.any(got[1][1]) and not np.any(got[2][1])
@@ -294,10 +295,10 @@ def test_linen_modules_match_reference_and_identity_at_init():
   ln = np.asarray(jn.layer_norm(x), F64)
   # AdaLN-Zero: zero projection, zero gate; a DiT-style block is the identity at init
   ada0 = jnn.AdaLNZero()
-  v0 = ada0.init(key, x, c)
+  v0 = jax.jit(ada0.init)(key, x, c)
   assert jax.tree.map(jnp.shape, v0) == {"params": {"projection": {"kernel": (6, 12),
                                                                    "bias": (12,)}}}
-  h, gate = ada0.apply(v0, x, c)
+  h, gate = jax.jit(ada0.apply)(v0, x, c)
   np.testing.assert_allclose(h, ln, rtol=1e-6, atol=1e-6)
   assert gate.shape == (3, 1, 4) and not np.any(gate)
 
@@ -310,19 +311,19 @@ def test_linen_modules_match_reference_and_identity_at_init():
       return x + gate * nn.Dense(4)(nn.gelu(nn.Dense(8)(h)))
 
   blk = DiTBlock()
-  np.testing.assert_array_equal(blk.apply(blk.init(key, x, c), x, c), x)
+  np.testing.assert_array_equal(jax.jit(blk.apply)(jax.jit(blk.init)(key, x, c), x, c), x)
   # random projections: outputs against the float64 reference (DiT chunk order)
   for mod, k, act, norm in ((jnn.AdaLNZero(kernel_init=nn.initializers.normal(0.3)), 3,
                              silu, "layer"),
                             (jnn.AdaLN(), 2, silu, "layer"),
                             (jnn.FiLM(), 2, None, None),
                             (jnn.FiLM(norm="rms"), 2, None, "rms")):
-    v = mod.init(key, x, c)
+    v = jax.jit(mod.init)(key, x, c)
     p = _linen_ref_projection(v["params"], c, act)
     chunks = np.split(p, k, axis=1)
     shift, scale = (chunks[1], chunks[0]) if isinstance(mod, jnn.FiLM) else chunks[:2]
     want = modulate_ref(norm_ref(x, norm, eps=1e-6), shift, scale)
-    out = mod.apply(v, x, c)
+    out = jax.jit(mod.apply)(v, x, c)
     y = out[0] if k == 3 else out
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=type(mod).__name__)
     if k == 3:
@@ -331,7 +332,7 @@ def test_linen_modules_match_reference_and_identity_at_init():
   z = dict(kernel_init=nn.initializers.zeros)
   for mod, want in ((jnn.FiLM(**z), x), (jnn.FiLM(norm="layer", **z), ln),
                     (jnn.AdaLN(**z), ln)):
-    np.testing.assert_allclose(mod.apply(mod.init(key, x, c), x, c), want, rtol=1e-6,
+    np.testing.assert_allclose(jax.jit(mod.apply)(jax.jit(mod.init)(key, x, c), x, c), want, rtol=1e-6,
                                atol=1e-6)
   # conditional batch norm with one class is BatchNorm, variables included (scale (1, C))
   cbn = jnn.ConditionalBatchNorm(num_classes=1, momentum=0.9)
@@ -387,7 +388,7 @@ def test_linen_conditional_model_trains_and_round_trips():
       return jnn.FiLM(norm="layer")(t, c)
 
   net = Net()
-  variables = net.init(jax.random.key(0), x, labels, False)
+  variables = jax.jit(net.init, static_argnums=3)(jax.random.key(0), x, labels, False)
   tx = optax.adam(1e-2)
   state = dict(variables, opt=tx.init(variables["params"]))
 
@@ -411,8 +412,8 @@ def test_linen_conditional_model_trains_and_round_trips():
   restored = serialization.from_bytes(jax.tree.map(jnp.zeros_like, state),
                                       serialization.to_bytes(state))
   jax.tree.map(np.testing.assert_array_equal, restored, state)
-  ev = lambda s: net.apply({"params": s["params"], "batch_stats": s["batch_stats"]}, x, labels,
-                           False)
+  ev = jax.jit(lambda s: net.apply({"params": s["params"], "batch_stats": s["batch_stats"]},
+                                   x, labels, False))
   np.testing.assert_array_equal(ev(restored), ev(state))
 
 
