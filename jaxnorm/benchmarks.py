@@ -57,8 +57,11 @@ import numpy as np
 GLIBC_TUNED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                "glibc.malloc.trim_threshold=68719476736")
 
-COMPETITORS = ("floor", "jaxnorm", "flax.linen", "flax.nnx", "torch")
+COMPETITORS = ("floor", "floor-ffi", "jaxnorm", "jaxnorm-xla", "flax.linen", "flax.nnx",
+               "torch")
 REF = "jaxnorm-ref"    # the plain reference path (--reference)
+SHORT = {"floor-ffi": "ffi", "jaxnorm-xla": "xla", "flax.linen": "linen", "flax.nnx": "nnx",
+         REF: "ref"}   # column headers of the summary (it fits 100 columns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Case:
   dtype: str = "float32"
   grad: bool = False
   target: float | None = None     # jaxnorm's target ratio to the floor (issue 5)
+  passes: float | None = None     # pass-count limit: full-array passes needed at least,
+                                  # in floors (the floor reads x and writes y: 2 arrays)
 
   def shape_for(self, size: str) -> tuple[int, ...]:
     return {"full": self.shape, "quick": self.quick_shape, "tiny": self.tiny_shape}[size]
@@ -86,28 +91,43 @@ NHWC, NHWC_Q, NHWC_T = (64, 32, 32, 64), (8, 32, 32, 64), (2, 4, 4, 8)
 NC, NC_Q, NC_T = (4096, 1024), (512, 1024), (16, 32)
 TOK, TOK_Q, TOK_T = (8192, 1024), (1024, 1024), (16, 32)
 GN, GN_Q, GN_T = (32, 32, 32, 128), (4, 32, 32, 128), (2, 4, 4, 64)
+BLK, BLK_Q, BLK_T = (8, 128, 256), (2, 64, 256), (2, 8, 32)          # (batch, tokens, width)
+RES, RES_Q, RES_T = (8, 28, 28, 256), (2, 14, 14, 256), (2, 4, 4, 32)  # NHWC, 4x bottleneck
 
 CASES = (
-    Case("batch_norm/train/fwd/nhwc", "batch_norm_train", NHWC, NHWC_Q, NHWC_T, target=1.5),
+    Case("batch_norm/train/fwd/nhwc", "batch_norm_train", NHWC, NHWC_Q, NHWC_T, target=1.5,
+         passes=1.5),
     Case("batch_norm/train/fwd+bwd/nhwc", "batch_norm_train", NHWC, NHWC_Q, NHWC_T, grad=True,
-         target=2.5),
-    Case("batch_norm/train/fwd/nc", "batch_norm_train", NC, NC_Q, NC_T),
+         target=2.5, passes=2.5),
+    Case("batch_norm/train/fwd/nc", "batch_norm_train", NC, NC_Q, NC_T, passes=1.5),
     Case("batch_norm/train/fwd+bwd/nc", "batch_norm_train", NC, NC_Q, NC_T, grad=True,
-         target=2.5),
-    Case("batch_norm/eval/fwd/nhwc", "batch_norm_eval", NHWC, NHWC_Q, NHWC_T, target=1.0),
-    Case("layer_norm/fwd", "layer_norm", TOK, TOK_Q, TOK_T, target=1.2),
-    Case("layer_norm/fwd+bwd", "layer_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8),
-    Case("layer_norm/fwd/bf16", "layer_norm", TOK, TOK_Q, TOK_T, dtype="bfloat16"),
+         target=2.5, passes=2.5),
+    Case("batch_norm/eval/fwd/nhwc", "batch_norm_eval", NHWC, NHWC_Q, NHWC_T, target=1.0,
+         passes=1.0),
+    Case("layer_norm/fwd", "layer_norm", TOK, TOK_Q, TOK_T, target=1.2, passes=1.0),
+    Case("layer_norm/fwd+bwd", "layer_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8,
+         passes=1.5),
+    Case("layer_norm/fwd/bf16", "layer_norm", TOK, TOK_Q, TOK_T, dtype="bfloat16", passes=1.0),
     Case("layer_norm/fwd+bwd/bf16", "layer_norm", TOK, TOK_Q, TOK_T, dtype="bfloat16",
-         grad=True, target=2.5),
-    Case("rms_norm/fwd", "rms_norm", TOK, TOK_Q, TOK_T),
-    Case("rms_norm/fwd+bwd", "rms_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8),
-    Case("group_norm/fwd/nhwc", "group_norm", GN, GN_Q, GN_T, target=1.3),
-    Case("group_norm/fwd+bwd/nhwc", "group_norm", GN, GN_Q, GN_T, grad=True, target=2.5),
+         grad=True, target=2.5, passes=1.5),
+    Case("rms_norm/fwd", "rms_norm", TOK, TOK_Q, TOK_T, passes=1.0),
+    Case("rms_norm/fwd+bwd", "rms_norm", TOK, TOK_Q, TOK_T, grad=True, target=1.8, passes=1.5),
+    Case("group_norm/fwd/nhwc", "group_norm", GN, GN_Q, GN_T, target=1.3, passes=1.0),
+    Case("group_norm/fwd+bwd/nhwc", "group_norm", GN, GN_Q, GN_T, grad=True, target=2.5,
+         passes=1.5),
     # BN folding (inference): 'jaxnorm' = conv3x3 with the folded kernel/bias + relu;
     # linen/nnx/torch = their conv3x3 + batch norm (eval) + relu, unfolded
     Case("fold/conv3x3+bn+relu/eval/nhwc", "conv_bn_relu", (16, 32, 32, 64), NHWC_Q, NHWC_T),
+    # Model level (fwd+bwd): what the CPU kernels change next to XLA's fusions
+    # ('jaxnorm' vs 'jaxnorm-xla'); flax.linen with its own norms alongside.
+    Case("model/pre-ln-block/fwd+bwd", "transformer_block", BLK, BLK_Q, BLK_T, grad=True),
+    Case("model/pre-ln-block/fwd+bwd/bf16", "transformer_block", BLK, BLK_Q, BLK_T,
+         dtype="bfloat16", grad=True),
+    Case("model/bottleneck/fwd+bwd/nhwc", "resnet_bottleneck", RES, RES_Q, RES_T, grad=True),
+    Case("model/bottleneck/fwd+bwd/nhwc/bf16", "resnet_bottleneck", RES, RES_Q, RES_T,
+         dtype="bfloat16", grad=True),
 )
+MODELS = ("transformer_block", "resnet_bottleneck")
 
 BN_EPS, EPS, GROUPS, MOMENTUM = 1e-5, 1e-6, 32, 0.99
 
@@ -230,6 +250,22 @@ def build_floor(case: Case, inputs: Inputs) -> Runner:
   return Runner("floor", lambda: jax.block_until_ready(compiled(x)), lambda: [], compiled)
 
 
+def build_floor_ffi(case: Case, inputs: Inputs) -> Runner:
+  """The second floor: the same ``x * 2 + 1`` as a C++ FFI kernel (jaxnorm._cpu)."""
+  import jax
+  import jax.numpy as jnp
+
+  import jaxnorm as jn
+  if jax.default_backend() != "cpu" or not jn.kernels_available():
+    raise Unavailable("needs jaxnorm's CPU kernels (jaxnorm.kernels_available() is False)")
+  if inputs.dtype != "float32":
+    raise Unavailable("float32 only")
+  x = jnp.asarray(inputs.x)
+  call = jax.ffi.ffi_call("jaxnorm_axpb", jax.ShapeDtypeStruct(x.shape, x.dtype))
+  compiled = jax.jit(call).lower(x).compile()
+  return Runner("floor-ffi", lambda: jax.block_until_ready(compiled(x)), lambda: [], compiled)
+
+
 def _params(inputs: Inputs, case: Case) -> dict:
   import jax.numpy as jnp
   p = {"scale": jnp.asarray(inputs.scale)}
@@ -244,16 +280,19 @@ def _dict_grads(case: Case):
   return grads_of
 
 
-def _jaxnorm_apply(case: Case, *, reference: bool = False):
+def _jaxnorm_apply(case: Case, *, reference: bool = False, xla: bool = False):
   """``apply(x, params, state)`` through jaxnorm's public functions.
 
-  ``reference``: the plain autodiff path (``_vjp`` switched off while tracing).
+  ``reference``: the plain autodiff path (``_vjp`` switched off while tracing);
+  ``xla``: the custom-VJP XLA path (the fused CPU kernels switched off).
   """
   import jaxnorm as jn
   norm = case.norm
 
   def apply(x, p, state):
-    with jn.plain_autodiff() if reference else contextlib.nullcontext():
+    ctx = (jn.plain_autodiff() if reference else jn.no_kernels() if xla
+           else contextlib.nullcontext())
+    with ctx:
       if norm == "batch_norm_train":
         return jn.batch_norm(x, state, p["scale"], p["bias"], training=True, momentum=MOMENTUM,
                              epsilon=BN_EPS)
@@ -269,15 +308,16 @@ def _jaxnorm_apply(case: Case, *, reference: bool = False):
   return apply
 
 
-def build_jaxnorm(case: Case, inputs: Inputs, *, reference: bool = False) -> Runner:
+def build_jaxnorm(case: Case, inputs: Inputs, *, reference: bool = False,
+                  xla: bool = False) -> Runner:
   import jax.numpy as jnp
 
   import jaxnorm as jn
   state = None
   if case.norm.startswith("batch_norm"):
     state = jn.BatchStats(mean=jnp.asarray(inputs.run_mean), var=jnp.asarray(inputs.run_var))
-  name = REF if reference else "jaxnorm"
-  apply = _jaxnorm_apply(case, reference=reference)
+  name = REF if reference else "jaxnorm-xla" if xla else "jaxnorm"
+  apply = _jaxnorm_apply(case, reference=reference, xla=xla)
   return _jax_runner(name, case, inputs, apply, _params(inputs, case), state,
                      _dict_grads(case))
 
@@ -645,7 +685,9 @@ def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
   inputs = Inputs.make(case, shape, seed)
   builders = {
       "floor": build_floor,
+      "floor-ffi": build_floor_ffi,
       "jaxnorm": build_jaxnorm,
+      "jaxnorm-xla": lambda c, i: build_jaxnorm(c, i, xla=True),
       REF: lambda c, i: build_jaxnorm(c, i, reference=True),
       "flax.linen": build_linen,
       "flax.nnx": build_nnx,
@@ -656,6 +698,7 @@ def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
   for name in competitors:
     try:
       runners.append(_conv_bn_relu_runner(name, case, inputs) if case.norm == "conv_bn_relu"
+                     else _model_runner(name, case, inputs) if case.norm in MODELS
                      else builders[name](case, inputs))
     except Unavailable as e:
       skipped[name] = str(e)
@@ -667,7 +710,7 @@ def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
   if ref is not None:
     ref_out = ref.outputs()
     for r in runners:
-      if r.name not in ("floor", "jaxnorm"):
+      if r.name not in ("floor", "floor-ffi", "jaxnorm"):
         agree[r.name] = _check(ref_out, r.outputs(), inputs.dtype)
   times: dict[str, list[float]] = {r.name: [] for r in runners}
   order = list(runners)
@@ -744,7 +787,7 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
 
 
 def _mib(v: float | None) -> str:
-  return "-" if v is None else f"{v / 2**20:.1f}"
+  return "-" if v is None or v < 0 else f"{v / 2**20:.1f}"
 
 
 def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
@@ -760,47 +803,83 @@ def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[st
 
 
 def summary_table(results: Sequence[Result], markdown: bool, main: str = "jaxnorm") -> list[str]:
-  """One row per case: every competitor as a ratio to the floor, and the target."""
-  names = [n for n in (main, REF, "flax.linen", "flax.nnx", "torch")
+  """One row per case: every competitor as a ratio to the floor, the pass-count
+  limit, the target and whether jaxnorm met it."""
+  names = [n for n in ("floor-ffi", main, "jaxnorm-xla", REF, "flax.linen", "flax.nnx", "torch")
            if any(n in r.times for r in results)]
-  headers = ["case", "shape", "floor ms"] + [f"{n} x" for n in names] + ["target", "met"]
+  headers = ["case", "floor"] + [SHORT.get(n, n) for n in names] + ["limit", "target", "met"]
   rows = []
   for r in results:
     ratios = [r.ratio(n, "floor") for n in names]
     best = r.ratio(main, "floor")
     met = "-" if r.case.target is None or best is None else (
         "yes" if best <= r.case.target * 1.02 else "no")
-    rows.append([r.case.name + ("" if r.case.dtype == "float32" else ""),
-                 "x".join(map(str, r.shape)), _fmt(1e3 * (r.median("floor") or math.nan), ".2f")]
+    rows.append([r.case.name, _fmt(1e3 * (r.median("floor") or math.nan), ".2f")]
                 + [_fmt(v, ".2f") for v in ratios]
-                + [_fmt(r.case.target, ".1f", "x") if r.case.target else "-", met])
+                + [_fmt(r.case.passes, ".1f"),
+                   _fmt(r.case.target, ".1f", "x") if r.case.target else "-", met])
   return _table(headers, rows, markdown)
 
 
+def _skipped_everywhere(results: Sequence[Result]) -> dict[str, str]:
+  """Competitors skipped in every case, with the first reason (said once)."""
+  out = {}
+  for n in {n for r in results for n in r.skipped}:
+    if all(n in r.skipped for r in results):
+      out[n] = results[0].skipped[n]
+  return out
+
+
 def detail_table(results: Sequence[Result], markdown: bool) -> list[str]:
-  """One row per case and competitor: ms, ratios, noise, XLA figures, agreement."""
-  headers = ["case", "impl", "ms", "x floor", "x flax.linen", "x torch", "IQR/med",
-             "XLA bytes MiB", "XLA temp MiB", "check"]
-  rows = []
+  """Per case and competitor: ms, ratios, noise, XLA figures, agreement.
+
+  Text: one block per case (its name and shape as a heading), 100 columns wide;
+  markdown: one table with a case column."""
+  headers = ["impl", "ms", "x floor", "x linen", "x torch", "IQR", "bytes MiB", "temp MiB",
+             "check"]
+  everywhere = _skipped_everywhere(results)
+  out: list[str] = []
+  md_rows = []
   for r in results:
+    rows = []
     for n in r.times:
       acc, tmp = r.xla.get(n, (None, None))
-      rows.append([r.case.name, n, _fmt(1e3 * r.median(n), ".2f"),
+      rows.append([n, _fmt(1e3 * r.median(n), ".2f"),
                    _fmt(r.ratio(n, "floor"), ".2f"), _fmt(r.ratio(n, "flax.linen"), ".2f"),
                    _fmt(r.ratio(n, "torch"), ".2f"), _fmt(r.spread(n), ".0%"),
                    _mib(acc), _mib(tmp), r.agree.get(n, "")])
     for n, why in r.skipped.items():
-      rows.append([r.case.name, n, "skipped", "", "", "", "", "", "", why])
-  return _table(headers, rows, markdown)
+      if n not in everywhere:
+        rows.append([n, "skipped", "", "", "", "", "", "", why[:40]])
+    if markdown:
+      md_rows += [[r.case.name] + row for row in rows]
+    else:
+      out += [f"{r.case.name} {'x'.join(map(str, r.shape))} {r.case.dtype}"]
+      out += ["  " + ln for ln in _table(headers, rows, False)] + [""]
+  if markdown:
+    return _table(["case"] + headers, md_rows, True)
+  return out
 
 
 def report(results: Sequence[Result], args: argparse.Namespace) -> str:
   md = args.markdown
   out = []
   head = header(args)
+  everywhere = _skipped_everywhere(results)
+  head += [f"{n}: not run ({why})" for n, why in sorted(everywhere.items())]
+  if not md:  # fit 100 columns
+    import textwrap
+    head = [w for h in head for w in textwrap.wrap(h, 100, subsequent_indent="  ",
+                                                   break_on_hyphens=False)]
   out += ([f"- {h}" for h in head] if md else head) + [""]
-  out += ["Summary (time as a multiple of the floor; 'met' judges jaxnorm against "
-          "the issue's target):", ""]
+  legend = [
+      "Summary: time as a multiple of the floor (floor = jitted x*2+1, its ms in 'floor';",
+      "'ffi' = the same x*2+1 as a C++ FFI kernel; 'xla' = jaxnorm with its CPU kernels off,",
+      "'ref' = jaxnorm's plain-autodiff path). 'limit' = the pass-count limit: full-array",
+      "memory passes the case needs at least, in floors. 'met' = jaxnorm within 2% of the",
+      "issue's target ratio (yes/no; '-' = no target).",
+  ]
+  out += ([" ".join(legend)] if md else legend) + [""]
   out += summary_table(results, md) + [""]
   for r in results:  # BN folding: the inference speed-up (measured, never asserted)
     if r.case.norm == "conv_bn_relu":
@@ -808,8 +887,13 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
              if (v := r.ratio("jaxnorm", n)) is not None]
       out += [f"BN folding speed-up ({r.case.name}: unfolded time / folded jaxnorm time): "
               + (", ".join(ups) or "no unfolded competitor ran"), ""]
-  out += ["Detail (XLA figures: compiled.cost_analysis() bytes accessed, "
-          "compiled.memory_analysis() temporary bytes):", ""]
+  legend = [
+      "Detail: 'bytes'/'temp' = XLA's compiled.cost_analysis() bytes accessed and",
+      "memory_analysis() temporary bytes; IQR = interquartile range / median (noise);",
+      "'check' = whether the competitor's outputs agree with jaxnorm's: 'ok', or which output",
+      "is off and its largest difference relative to the output's largest magnitude.",
+  ]
+  out += ([" ".join(legend)] if md else legend) + [""]
   out += detail_table(results, md)
   return "\n".join(out)
 
