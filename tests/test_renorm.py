@@ -165,8 +165,8 @@ def test_batch_renorm_traced_limits_and_schedule():
 def test_batch_renorm_bf16_and_large_offset():
   x, params, stats, _ = _data(loc=0.0)
   xb = jnp.asarray(x, jnp.bfloat16)
-  y, s = jn.batch_renorm(xb, stats, params["scale"], params["bias"], training=True,
-                         r_max=1.6, d_max=0.7)
+  y, s = jax.jit(functools.partial(jn.batch_renorm, training=True, r_max=1.6, d_max=0.7))(
+      xb, stats, params["scale"], params["bias"])
   assert y.dtype == jnp.bfloat16 and s.mean.dtype == jnp.float32
   ry, rm, _ = RR.batch_renorm(np.asarray(xb, np.float64), stats.mean, stats.var,
                               params["scale"], params["bias"], training=True, r_max=1.6,
@@ -176,7 +176,8 @@ def test_batch_renorm_bf16_and_large_offset():
   # |mean| >> std in float32: statistics must not cancel
   off = (1e4 + x).astype(np.float32)
   st = jn.BatchStats(mean=np.full(5, 1e4, np.float32), var=np.ones(5, np.float32))
-  y, _ = jn.batch_renorm(off, st, training=True, r_max=2.0, d_max=1.0)
+  y, _ = jax.jit(functools.partial(jn.batch_renorm, training=True, r_max=2.0, d_max=1.0))(
+      off, st)
   ry, _, _ = RR.batch_renorm(off, st.mean, st.var, training=True, r_max=2.0, d_max=1.0)
   _close(y, ry, 2e-3, "offset 1e4")
 
@@ -274,12 +275,12 @@ def test_ghost_with_full_virtual_batch_is_batch_norm():
                                     virtual_batch_size=x.shape[0], where=where)
   g = lambda x: jn.batch_norm(x, stats, params["scale"], params["bias"], training=True,
                               where=where)
-  (ya, sa), (yb, sb) = f(x), g(x)
+  (ya, sa), (yb, sb) = jax.jit(lambda x: (f(x), g(x)))(x)
   np.testing.assert_allclose(ya, yb, rtol=0, atol=1e-6)
   for u, v in zip(sa, sb):
     np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
-  ga = jax.grad(lambda x: jnp.sum(f(x)[0] * ct))(x)
-  gb = jax.grad(lambda x: jnp.sum(g(x)[0] * ct))(x)
+  ga, gb = jax.jit(lambda x: (jax.grad(lambda x: jnp.sum(f(x)[0] * ct))(x),
+                              jax.grad(lambda x: jnp.sum(g(x)[0] * ct))(x)))(x)
   np.testing.assert_allclose(ga, gb, rtol=0, atol=1e-5)
 
 
@@ -287,11 +288,12 @@ def test_ghost_empty_virtual_batch_gets_running_averages_and_weight_zero():
   x, params, stats, _ = _data(shape=(8, 5))
   where = np.ones((8, 1), bool)
   where[:4] = False  # the first virtual batch is empty
-  y, s = jn.ghost_batch_norm(x, stats, training=True, virtual_batch_size=4, where=where,
-                             momentum=0.5)
-  ye, _ = jn.batch_norm(x[:4], stats, training=False)
+  (y, s), (ye, _), (yb, sb) = jax.jit(lambda x: (
+      jn.ghost_batch_norm(x, stats, training=True, virtual_batch_size=4, where=where,
+                          momentum=0.5),
+      jn.batch_norm(x[:4], stats, training=False),
+      jn.batch_norm(x[4:], stats, training=True, momentum=0.5)))(x)
   np.testing.assert_allclose(y[:4], ye, rtol=1e-6, atol=1e-6)
-  yb, sb = jn.batch_norm(x[4:], stats, training=True, momentum=0.5)
   np.testing.assert_allclose(y[4:], yb, rtol=0, atol=1e-6)
   for u, v in zip(s, sb):
     np.testing.assert_allclose(u, v, rtol=1e-6)
@@ -344,11 +346,11 @@ def test_evonorm_b0_groups():
   st = jn.BatchStats(np.zeros(6, np.float32), np.ones(6, np.float32))
   v1 = np.ones(6, np.float32)
   # group_size=1 is the per-channel instance variance (the paper)
-  a, _ = jn.evonorm_b0(x, st, None, None, v1, training=True, group_size=1)
-  b, _ = jn.evonorm_b0(x, st, None, None, v1, training=True)
+  b0 = functools.partial(jn.evonorm_b0, training=True, epsilon=1e-3)
+  a, b, y = jax.jit(lambda x: [b0(x, st, None, None, v1, **kw)[0] for kw in (
+      dict(group_size=1), {}, dict(num_groups=2))])(x)
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  # 2 groups of 3 channels: instance variance over (H, W) and the group's channels
-  y, _ = jn.evonorm_b0(x, st, None, None, v1, training=True, num_groups=2, epsilon=1e-3)
+  # y: 2 groups of 3 channels, instance variance over (H, W) and the group's channels
   xd = x.astype(np.float64)
   var_b = xd.var(axis=(0, 1, 2))
   var_g = xd.reshape(4, 3, 3, 2, 3).var(axis=(1, 2, 4))  # (N, G)
