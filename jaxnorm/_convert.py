@@ -71,6 +71,11 @@ def _array(v: Any) -> np.ndarray:
   return np.asarray(v).copy()
 
 
+def _flip(momentum: float) -> float:
+  """``1 - momentum`` (PyTorch <-> jaxnorm), rounded to 12 digits so 0.1 <-> 0.9 stay exact."""
+  return round(1.0 - float(momentum), 12)
+
+
 def _check_kind(kind: str, fn: str, kinds: Sequence[str] = KINDS) -> None:
   if kind not in kinds:
     raise ValueError(f"{fn}: kind must be one of {list(kinds)}, got {kind!r}.")
@@ -234,7 +239,7 @@ def from_torch(state_dict: Mapping[str, Any], *, kind: str, prefix: str = "",
       raise ValueError(f"{fn}: momentum=None needs {pre}num_batches_tracked (the number of "
                        "averaged batches), which the state_dict lacks.")
     count = np.full(mean.shape, int(nbt), np.int32)
-  fields["momentum"] = None if momentum is None else 1.0 - float(momentum)
+  fields["momentum"] = None if momentum is None else _flip(momentum)
   return _build(kind, scale=weight, bias=bias, mean=mean, var=var, count=count, epsilon=eps,
                 fn=fn, **fields)
 
@@ -286,7 +291,7 @@ def to_torch(variables: Mapping, *, kind: str, prefix: str = "", epsilon: float,
     sd[pre + "num_batches_tracked"] = np.asarray(n, np.int64)
   kwargs.update(num_features=c, affine=affine, track_running_stats=mean is not None)
   if kind == "batch_norm" or mean is not None:
-    kwargs["momentum"] = None if momentum is None else 1.0 - float(momentum)
+    kwargs["momentum"] = None if momentum is None else _flip(momentum)
   return sd, kwargs
 
 

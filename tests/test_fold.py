@@ -202,7 +202,7 @@ def test_fold_matches_torch_fuse_weights():
 
 @functools.lru_cache(maxsize=None)
 def trained_linen_cnn():
-  """A small CNN with jaxnorm.linen.BatchNorm trained for 40 steps on sklearn digits."""
+  """A small CNN with jaxnorm.linen.BatchNorm trained for 25 steps on sklearn digits."""
   import flax.linen as nn
   from sklearn.datasets import load_digits
 
@@ -226,7 +226,7 @@ def trained_linen_cnn():
   x = (digits.images[:, :, :, None] / 16.0).astype(np.float32)
   y = digits.target
   model = Net()
-  variables = model.init(jax.random.key(0), x[:2])
+  variables = jax.jit(model.init)(jax.random.key(0), x[:2])  # eager init is slow
   tx = optax.adam(3e-3)
   params, stats = variables["params"], variables["batch_stats"]
   opt = tx.init(params)
@@ -242,7 +242,7 @@ def trained_linen_cnn():
     return optax.apply_updates(params, u), upd["batch_stats"], opt, l
 
   rng = np.random.default_rng(0)
-  for _ in range(40):
+  for _ in range(25):
     idx = rng.choice(len(x), 64, replace=False)
     params, stats, opt, l = step(params, stats, opt, x[idx], y[idx])
   return Net, {"params": params, "batch_stats": stats}, x[:256], float(l)
@@ -250,21 +250,22 @@ def trained_linen_cnn():
 
 def test_linen_fold_trained_cnn_exact():
   Net, variables, x, loss = trained_linen_cnn()
-  assert loss < 1.0  # it trained
+  assert loss < 1.6  # it trained (chance: log(10) = 2.3)
   stats = variables["batch_stats"]
   assert float(jnp.max(jnp.abs(stats["bn1"]["mean"]))) > 1e-2  # non-trivial running stats
   from jaxnorm import linen as jnn
-  y0 = Net().apply(variables, x)
+  y0 = jax.jit(Net().apply)(variables, x)
   pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("up", "bn3"), ("fc1", "bn4")]
   folded = jnn.fold_batch_norms(variables, pairs, epsilon=1e-3)
   assert "batch_stats" not in folded and set(folded["params"]) == {"conv1", "conv2", "up",
                                                                    "fc1", "out"}
   assert "bn1" in variables["params"]  # input untouched
-  y1 = Net(folded=True).apply(folded, x)
+  y1 = jax.jit(Net(folded=True).apply)(folded, x)
   err = rel_err(y1, y0)
   assert err < 1e-5, err
   # the shapes are exactly what the BN-free model initialises
-  shapes = jax.tree.map(jnp.shape, Net(folded=True).init(jax.random.key(0), x[:1]))
+  shapes = jax.tree.map(jnp.shape, jax.eval_shape(Net(folded=True).init, jax.random.key(0),
+                                                  x[:1]))
   assert jax.tree.map(jnp.shape, folded) == shapes
 
 
@@ -313,23 +314,23 @@ def test_nnx_fold_in_place_exact():
 
   model = Net(nnx.Rngs(0))
   rng = np.random.default_rng(6)
+  call = nnx.jit(lambda m, x: m(x))
   for _ in range(4):  # training-mode steps: non-trivial running statistics
-    model(jnp.asarray(rng.normal(size=(8, 6, 6, 3)) * 2 + 1, jnp.float32))
+    call(model, jnp.asarray(rng.normal(size=(8, 6, 6, 3)) * 2 + 1, jnp.float32))
   # make the affine parameters non-trivial too
   for bn in (model.bn, model.bns[0], model.bn4):
     bn.scale[...] = jnp.asarray(rng.uniform(0.5, 2, size=bn.scale.shape), jnp.float32)
     bn.bias[...] = jnp.asarray(rng.normal(size=bn.bias.shape), jnp.float32)
   model.eval()
   x = jnp.asarray(rng.normal(size=(4, 6, 6, 3)) * 2 + 1, jnp.float32)
-  y0 = model(x)
+  y0 = call(model, x)
   out = jnnx.fold_batch_norms(model, [("conv", "bn"), ("dw", "bns/0"), ("up", "bn3"),
                                       ("fc", "bn4")])
   assert out is model
   assert isinstance(model.bn, jnnx.Identity) and isinstance(model.bns[0], jnnx.Identity)
   assert model.conv.use_bias and model.conv.bias[...].shape == (8,)
-  y1 = model(x)
-  assert rel_err(y1, y0) < 1e-5
-  assert rel_err(nnx.jit(lambda m, x: m(x))(model, x), y0) < 1e-5
+  assert rel_err(call(model, x), y0) < 1e-5  # jitted
+  assert rel_err(model(x), y0) < 1e-5
   with pytest.raises(ValueError, match="already folded"):
     jnnx.fold_batch_norms(model, [("conv", "bn")])
   with pytest.raises(KeyError, match="no batch norm at 'nope'"):
