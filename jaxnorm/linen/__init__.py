@@ -60,31 +60,32 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the environmen
       "`pip install jaxnorm[flax]` (or `pip install flax`); the functional API "
       "(`import jaxnorm`) works without it.", name=e.name) from e
 
+# The standard normalizers (_norms.py)
 from ._norms import BatchNorm as BatchNorm
 from ._norms import GroupNorm as GroupNorm
 from ._norms import InstanceNorm as InstanceNorm
 from ._norms import LayerNorm as LayerNorm
 from ._norms import RMSNorm as RMSNorm
-# Filter Response Normalization + TLU; conditional normalization
-from ._response import FilterResponseNorm as FilterResponseNorm
-from ._conditional import AdaLN as AdaLN
-from ._conditional import AdaLNZero as AdaLNZero
-from ._conditional import ConditionalBatchNorm as ConditionalBatchNorm
-from ._conditional import FiLM as FiLM
-# weight normalizers: weight standardization, weight norm, spectral norm
+# Batch Renorm, Ghost BN, EvoNorm (_renorm.py)
+from ._renorm import BatchRenorm as BatchRenorm
+from ._renorm import EvoNormB0 as EvoNormB0
+from ._renorm import EvoNormS0 as EvoNormS0
+from ._renorm import GhostBatchNorm as GhostBatchNorm
+# Population statistics, PreciseBN (_population.py)
+from ._population import precise_batch_stats as precise_batch_stats
+from ._population import sow_batch_moments as sow_batch_moments
+# Weight standardization, weight norm, spectral norm (_weights.py)
 from ._weights import SpectralNorm as SpectralNorm
 from ._weights import StdConv as StdConv
 from ._weights import StdDense as StdDense
 from ._weights import WeightNorm as WeightNorm
 from ._weights import WSConv as WSConv
 from ._weights import WSDense as WSDense
-# Batch Renorm, Ghost BN, EvoNorm (jaxnorm/linen/_renorm.py)
-from ._renorm import BatchRenorm as BatchRenorm
-from ._renorm import EvoNormB0 as EvoNormB0
-from ._renorm import EvoNormS0 as EvoNormS0
-from ._renorm import GhostBatchNorm as GhostBatchNorm
-# population statistics (PreciseBN)
-from ._population import precise_batch_stats as precise_batch_stats
-from ._population import sow_batch_moments as sow_batch_moments
-# Batch-norm folding (jaxnorm/linen/_fold.py)
+# Filter Response Normalization + TLU (_response.py); conditional normalization (_conditional.py)
+from ._response import FilterResponseNorm as FilterResponseNorm
+from ._conditional import AdaLN as AdaLN
+from ._conditional import AdaLNZero as AdaLNZero
+from ._conditional import ConditionalBatchNorm as ConditionalBatchNorm
+from ._conditional import FiLM as FiLM
+# Batch-norm folding (_fold.py)
 from ._fold import fold_batch_norms as fold_batch_norms
