@@ -182,7 +182,7 @@ def from_torch(state_dict: Mapping[str, Any], *, kind: str, prefix: str = "",
   >>> sd = {"bn.weight": np.ones(2), "bn.bias": np.zeros(2), "bn.running_mean": np.zeros(2),
   ...       "bn.running_var": np.ones(2), "bn.num_batches_tracked": np.array(3)}
   >>> jn.from_torch(sd, kind="batch_norm", prefix="bn").fields
-  {'epsilon': 1e-05, 'use_bias': True, 'use_scale': True, 'momentum': 0.9, 'unbiased_var': True}
+  {'epsilon': 1e-05, 'use_bias': True, 'use_scale': True, 'unbiased_var': True, 'momentum': 0.9}
   """
   fn = "jaxnorm.from_torch"
   _check_kind(kind, fn)
