@@ -125,9 +125,10 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
                                  center=center, dtype=dtype, fallback=fallback)
   if _kernels_cover(x, axes, scale, bias, where, axis_name, fallback, dtype):
     from ._cpu import _rows
-    y, batch = _rows.standardize_rows(x, len(axes), scale, bias, where,
-                                      jnp.asarray(epsilon, jnp.float32), center=bool(center),
-                                      out_dtype=jnp.dtype(dtype or x.dtype))
+    with _forward_mode_hint():
+      y, batch = _rows.standardize_rows(x, len(axes), scale, bias, where,
+                                        jnp.asarray(epsilon, jnp.float32), center=bool(center),
+                                        out_dtype=jnp.dtype(dtype or x.dtype))
     return y, batch, None
   cdtype = stat_dtype(x.dtype)
   cfg = _Config(axes=tuple(axes), axis_name=_hashable(axis_name),
@@ -492,8 +493,16 @@ _standardize_vjp.defvjp(_fwd, _bwd)
 
 
 def _standardize(cfg, x, scale, bias, where, rm, rv, eps):
-  try:
+  with _forward_mode_hint():
     return _standardize_vjp(cfg, x, scale, bias, where, rm, rv, eps)
+
+
+@contextlib.contextmanager
+def _forward_mode_hint():
+  """Replaces JAX's bare "can't apply forward-mode autodiff" error of a custom VJP
+  (raised when ``jax.jvp``/``jacfwd`` traces it) with one that names the fix."""
+  try:
+    yield
   except TypeError as e:
     if "forward-mode" not in str(e):
       raise
