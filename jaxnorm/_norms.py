@@ -214,6 +214,31 @@ def group_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
 DegeneratePolicy = Literal["running", "batch"]
 
 
+def check_batch_norm_inputs(x, stats, scale, bias, *, training, feature_axes, momentum,
+                            epsilon, degenerate, where, fn: str, allow_complex: bool = False):
+  """Batch norm's validation, shared by the batch-statistics family (``_renorm``).
+
+  Returns ``(training, x, feature_axes, reduced_axes, stats, scale, bias, where)``
+  laid out for broadcasting against ``x``.
+  """
+  training = _axes.check_training(training, fn=fn)
+  x = _axes.check_floating(x, fn=fn, allow_complex=allow_complex)
+  _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
+  _axes.check_momentum(momentum, fn=fn)
+  _axes.check_choice(degenerate, ("running", "batch"), fn=fn, name="degenerate")
+  feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
+  red = _axes.other_axes(feat, x.ndim)
+  if not red:
+    raise ValueError(f"{fn}: feature_axes {feat} cover every axis of the input {x.shape}, "
+                     "leaving nothing to reduce. Batch statistics need a batch axis.")
+  stats = _axes.check_batch_stats(stats, x.shape, feat, fn=fn)
+  scale, bias = (_axes.per_feature(p, name=name, x_shape=x.shape, feature_axes=feat, fn=fn,
+                                   allow_complex=allow_complex)
+                 for name, p in (("scale", scale), ("bias", bias)))
+  where = _axes.check_mask(where, x.shape, fn=fn)
+  return training, x, feat, red, stats, scale, bias, where
+
+
 def batch_norm(x: Array, stats: BatchStats | CountedBatchStats, scale: Array | None = None,
                bias: Array | None = None, *, training: bool, feature_axes: Axes = -1,
                momentum: float | None = 0.99, epsilon: float = 1e-5, where: Array | None = None,
@@ -279,24 +304,11 @@ def batch_norm(x: Array, stats: BatchStats | CountedBatchStats, scale: Array | N
   BatchStats(mean=Array([1., 2.], dtype=float32), var=Array([1. , 2.5], dtype=float32))
   """
   fn = "jaxnorm.batch_norm"
-  training = _axes.check_training(training, fn=fn)
-  x = _axes.check_floating(x, fn=fn, allow_complex=True)
-  _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
-  _axes.check_momentum(momentum, fn=fn)
-  _axes.check_choice(degenerate, ("running", "batch"), fn=fn, name="degenerate")
-  feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
-  red = _axes.other_axes(feat, x.ndim)
-  if not red:
-    raise ValueError(f"{fn}: feature_axes {feat} cover every axis of the input {x.shape}, "
-                     "leaving nothing to reduce. Batch norm needs a batch axis.")
-  stats = _axes.check_batch_stats(stats, x.shape, feat, fn=fn)
+  training, x, feat, red, stats, scale, bias, where = check_batch_norm_inputs(
+      x, stats, scale, bias, training=training, feature_axes=feature_axes, momentum=momentum,
+      epsilon=epsilon, degenerate=degenerate, where=where, fn=fn, allow_complex=True)
   _axes.check_counted(stats, momentum, debias, fn=fn)
   _axes.check_complex_stats(stats, x.dtype, fn=fn)
-  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn,
-                            allow_complex=True)
-  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn,
-                           allow_complex=True)
-  where = _axes.check_mask(where, x.shape, fn=fn)
   bshape = _axes.broadcast_shape(x.shape, feat)
   cdtype = stat_dtype(x.dtype)
   _axes.check_out_dtype(dtype, jnp.result_type(x, *(p for p in (scale, bias) if p is not None)),

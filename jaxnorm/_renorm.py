@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from . import _axes, _vjp
-from ._norms import DegeneratePolicy, _split_channels, batch_norm
+from ._norms import DegeneratePolicy, _split_channels, batch_norm, check_batch_norm_inputs
 from ._stats import Centered, centered_moments, stat_dtype, update_batch_stats
 from ._types import Array, Axes, AxisName, BatchStats, DType, Moments
 
@@ -58,26 +58,6 @@ def _check_virtual_batch(virtual_batch_size: Any, batch: int, *, fn: str) -> int
         f"{_axes._divisors(batch)}. Pick one of these, or pad the batch and mask the padding "
         "with `where`.")
   return int(virtual_batch_size)
-
-
-def _prepare(x, stats, scale, bias, *, training, feature_axes, momentum, epsilon, degenerate,
-             where, fn):
-  """Batch norm's validation; returns ``(training, x, feat, red, stats, scale, bias, where)``."""
-  training = _axes.check_training(training, fn=fn)
-  x = _axes.check_floating(x, fn=fn)
-  _axes.check_nonnegative(epsilon, fn=fn, name="epsilon")
-  _axes.check_momentum(momentum, fn=fn)
-  _axes.check_choice(degenerate, ("running", "batch"), fn=fn, name="degenerate")
-  feat = _axes.canonical_axes(feature_axes, x.ndim, what="feature_axes", fn=fn)
-  red = _axes.other_axes(feat, x.ndim)
-  if not red:
-    raise ValueError(f"{fn}: feature_axes {feat} cover every axis of the input {x.shape}, "
-                     "leaving nothing to reduce. It needs a batch axis.")
-  stats = _axes.check_batch_stats(stats, x.shape, feat, fn=fn)
-  scale = _axes.per_feature(scale, name="scale", x_shape=x.shape, feature_axes=feat, fn=fn)
-  bias = _axes.per_feature(bias, name="bias", x_shape=x.shape, feature_axes=feat, fn=fn)
-  where = _axes.check_mask(where, x.shape, fn=fn)
-  return training, x, feat, red, stats, scale, bias, where
 
 
 def _moments_of(batch: Centered, fshape) -> Moments:
@@ -150,7 +130,7 @@ def batch_renorm(x: Array, stats: BatchStats, scale: Array | None = None,
          [ 2. ,  2.5]], dtype=float32)
   """
   fn = "jaxnorm.batch_renorm"
-  training, x, feat, red, stats, scale, bias, where = _prepare(
+  training, x, feat, red, stats, scale, bias, where = check_batch_norm_inputs(
       x, stats, scale, bias, training=training, feature_axes=feature_axes, momentum=momentum,
       epsilon=epsilon, degenerate=degenerate, where=where, fn=fn)
   _check_renorm_limits(r_max, d_max, fn=fn)
@@ -274,7 +254,7 @@ def ghost_batch_norm(x: Array, stats: BatchStats, scale: Array | None = None,
     ``(y, new_stats)``.
   """
   fn = "jaxnorm.ghost_batch_norm"
-  training, x, feat, red, stats, scale, bias, where = _prepare(
+  training, x, feat, red, stats, scale, bias, where = check_batch_norm_inputs(
       x, stats, scale, bias, training=training, feature_axes=feature_axes, momentum=momentum,
       epsilon=epsilon, degenerate=degenerate, where=where, fn=fn)
   if 0 in feat:
@@ -382,7 +362,7 @@ def evonorm_b0(x: Array, stats: BatchStats, scale: Array | None, bias: Array | N
     ``(y, new_stats)``.
   """
   fn = "jaxnorm.evonorm_b0"
-  training, x, feat, red, stats, scale, bias, where = _prepare(
+  training, x, feat, red, stats, scale, bias, where = check_batch_norm_inputs(
       x, stats, scale, bias, training=training, feature_axes=feature_axes, momentum=momentum,
       epsilon=epsilon, degenerate=degenerate, where=where, fn=fn)
   if v1 is None:
