@@ -86,8 +86,8 @@ def init_batch_stats(feature_shape: int | Shape, dtype: DType = jnp.float32, *,
   """
   shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
   if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"init_batch_stats: dtype must be a floating dtype, got {dtype}. "
-                    "Use jnp.float32 (the default) for running averages.")
+    raise TypeError(f"init_batch_stats: dtype must be a floating or complex dtype, got "
+                    f"{dtype}. Use jnp.float32 (the default) for running averages.")
   var_dtype = jnp.finfo(dtype).dtype  # complex64 -> complex mean, float32 var (real)
   if counted:
     return CountedBatchStats(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, var_dtype),
