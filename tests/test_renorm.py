@@ -544,3 +544,33 @@ def test_nnx_modules_train_and_round_trip(name):
   assert set(bn_state.keys()) <= set(st.keys())
   nnx.update(model, bn_state)
   np.testing.assert_array_equal(model.var[...], bn.var[...])
+
+
+def test_modules_reject_counted_conventions_and_feed_precise_bn():
+  """The counted conventions are BatchNorm's only (a clear error, not silently ignored),
+  and the PreciseBN helpers see Batch Renorm layers through the same hook as BatchNorm."""
+  import flax.linen as nn
+  from flax import nnx
+  from jaxnorm import linen as jnn
+  from jaxnorm import nnx as jnnx
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)) + 2.0, jnp.float32)
+  for kw in (dict(debias=True), dict(momentum=None)):
+    with pytest.raises(ValueError, match="BatchNorm only"):
+      jnn.BatchRenorm(use_running_average=False, **kw).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="BatchNorm only"):
+      jnnx.GhostBatchNorm(3, virtual_batch_size=4, rngs=nnx.Rngs(0), **kw)(x)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      return jnn.BatchRenorm(use_running_average=not train)(x)
+
+  batches = [x, x * 2.0 + 1.0]
+  v = Net().init(jax.random.key(0), x, train=False)
+  v = jnn.precise_batch_stats(Net().apply, v, batches, apply_kwargs={"train": True})
+  both = np.concatenate([np.asarray(b, np.float64) for b in batches])
+  np.testing.assert_allclose(v["batch_stats"]["BatchRenorm_0"]["mean"], both.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(v["batch_stats"]["BatchRenorm_0"]["var"], both.var(0), rtol=1e-4)
+  m = jnnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+  jnnx.precise_batch_stats(m, batches)
+  np.testing.assert_allclose(m.mean[...], both.mean(0), rtol=1e-5)

@@ -20,6 +20,7 @@ from .. import _axes
 from .._renorm import batch_renorm, evonorm_b0, evonorm_s0, ghost_batch_norm
 from .._types import BatchStats, DType
 from ._norms import BatchNorm, Initializer, _affine, _param
+from ._population import sow_batch_moments
 
 
 def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
@@ -29,6 +30,10 @@ def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
   ``hyper`` holds the family's own arguments; ``v1`` among them (EvoNorm-B0) is
   created here as a parameter after ``scale`` and ``bias``.
   """
+  if mdl.momentum is None or mdl.debias:
+    raise ValueError(f"{fn}: momentum=None and debias=True (the counted running-average "
+                     "conventions) are implemented for BatchNorm only; give this module a "
+                     "numeric momentum and debias=False.")
   use_running_average = _axes.check_training(
       nn.merge_param("use_running_average", mdl.use_running_average, use_running_average),
       fn=fn, name="use_running_average")
@@ -54,6 +59,9 @@ def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
   if not use_running_average and not initializing:
     ra_mean.value = new_stats.mean
     ra_var.value = new_stats.var
+  if not use_running_average:  # the PreciseBN hook (a no-op unless collected)
+    sow_batch_moments(mdl, x, feature_axes=feat, where=mask, axis_name=mdl.axis_name,
+                      axis_index_groups=mdl.axis_index_groups)
   return y
 
 

@@ -23,6 +23,7 @@ from .. import _axes
 from .._renorm import batch_renorm, evonorm_b0, evonorm_s0, ghost_batch_norm
 from .._types import BatchStats, DType
 from ._norms import BatchNorm, Initializer, _fit, _make_affine, _value
+from ._population import sow_batch_moments
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -30,6 +31,10 @@ _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
                       core: Callable, *extra_params, **hyper) -> jax.Array:
   """BatchNorm's call convention around ``core(x, stats, scale, bias, *extra_params, ...)``."""
+  if mdl.momentum is None or mdl.debias:
+    raise ValueError(f"{fn}: momentum=None and debias=True (the counted running-average "
+                     "conventions) are implemented for BatchNorm only; give this module a "
+                     "numeric momentum and debias=False.")
   use_running_average = _axes.check_training(first_from(
       use_running_average, mdl.use_running_average,
       error_msg=(f"{fn}: no `use_running_average` was given. Pass it to the constructor "
@@ -58,6 +63,8 @@ def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
       stop_gradient = lambda v: v
     mdl.mean[...] = stop_gradient(new_stats.mean.reshape(mean.shape))
     mdl.var[...] = stop_gradient(new_stats.var.reshape(var.shape))
+    sow_batch_moments(mdl, x, feature_axes=feat, where=mask, axis_name=mdl.axis_name,
+                      axis_index_groups=mdl.axis_index_groups)  # the PreciseBN hook
   return y
 
 
