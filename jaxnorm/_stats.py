@@ -139,7 +139,7 @@ def _local_reference_value(xf, axes, where, keep_shape):
 
 def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = None,
                      axis_name: AxisName | None = None, axis_index_groups=None,
-                     center: bool = True) -> Centered:
+                     center: bool = True, kernels: bool = False) -> Centered:
   """Mean and variance over ``axes`` (keep-dims), in the shifted representation.
 
   ``x`` must already be validated; ``where`` has the rank of ``x``.  Complex ``x``
@@ -148,6 +148,9 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
   ``axis_name`` the sums and counts are added across those named axes: one
   all-reduce for ``center=False``, two for ``center=True`` (a small one that
   agrees on the shift ``k`` across devices, then one of ``[sum, sum_sq, count]``).
+  ``kernels=True`` (the caller checked that the CPU kernels are on) takes this
+  device's two sums in one pass with :mod:`jaxnorm._cpu._cols` where it covers the
+  layout (contiguous reduced axes, features after them, no mask).
   """
   dtype = stat_dtype(x.dtype)
   rdtype = real_dtype(dtype)  # of var and count (complex x: complex mean, real var)
@@ -196,8 +199,13 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
     v = v if where is None else jnp.where(where, v, 0)  # before f: excluded inf/NaN
     return jnp.sum(f(v), axis=axes, keepdims=True)      # get no NaN gradient
 
-  s2 = sum_of(abs_sq, x2, k2)
-  s1 = sum_of(lambda v: v, x1, k1) if center else None
+  if kernels and where is None and _column_kernel_covers(x, axes):
+    from ._cpu import _cols
+    s1, s2 = _cols.shifted_sums(x, shift if center else None, None, None, axes)
+    s1 = s1 if center else None
+  else:
+    s2 = sum_of(abs_sq, x2, k2)
+    s1 = sum_of(lambda v: v, x1, k1) if center else None
   n = _count(where, x.shape, axes, keep_shape, rdtype)
   if axis_name is not None:
     if center:  # complex s1: one complex all-reduce; s2 and n come back real
@@ -213,6 +221,13 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
     offset = jnp.zeros_like(s2)
     var = s2 / n_safe
   return Centered(shift=shift, offset=offset, var=var, count=n)
+
+
+def _column_kernel_covers(x: Array, axes: tuple[int, ...]) -> bool:
+  if jnp.iscomplexobj(x):
+    return False
+  from ._cpu import _cols
+  return _cols.covers(x, tuple(axes))
 
 
 def moments(x: Array, *, axis: Axes, where: Array | None = None,

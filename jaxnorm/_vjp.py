@@ -38,8 +38,10 @@ is differentiable to any order in reverse mode (``grad`` of ``grad``,
 of the normalizer) is not available: that is a property of ``jax.custom_vjp``.
 On the CPU, layer and RMS norm over trailing axes run on fused C++ kernels instead
 (:mod:`jaxnorm._cpu`, XLA FFI custom calls behind their own custom VJP; see
-:func:`_kernels_cover` for what they cover); :func:`jaxnorm.no_kernels` and
-``JAXNORM_KERNELS=0`` switch them off.
+:func:`_rows_cover`), and batch, group and instance norm with the features minor take
+their statistics and the backward's two sums from one-pass column-sum kernels
+(:mod:`jaxnorm._cpu._cols`); :func:`jaxnorm.no_kernels` and ``JAXNORM_KERNELS=0``
+switch them off.
 ``ENABLED = False`` (read at trace time) switches every caller to
 :func:`standardize_reference`, plain autodiff of ``centered_moments`` and
 :func:`scale_shift` (the benchmarks' ``--reference`` rows).
@@ -123,7 +125,8 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
     return standardize_reference(x, axes, scale, bias, where=where, epsilon=epsilon,
                                  axis_name=axis_name, axis_index_groups=axis_index_groups,
                                  center=center, dtype=dtype, fallback=fallback)
-  if _kernels_cover(x, axes, scale, bias, where, axis_name, fallback, dtype):
+  kernels = _kernels_on()
+  if kernels and _rows_cover(x, axes, scale, bias, where, axis_name, fallback, dtype):
     from ._cpu import _rows
     with _forward_mode_hint():
       y, batch = _rows.standardize_rows(x, len(axes), scale, bias, where,
@@ -133,7 +136,8 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
   cdtype = stat_dtype(x.dtype)
   cfg = _Config(axes=tuple(axes), axis_name=_hashable(axis_name),
                 axis_index_groups=_hashable(axis_index_groups), center=bool(center),
-                out_dtype=jnp.dtype(dtype or x.dtype), fallback=fallback is not None)
+                out_dtype=jnp.dtype(dtype or x.dtype), fallback=fallback is not None,
+                kernels=kernels)
   rm, rv = (None, None) if fallback is None else (jnp.asarray(fallback[0], cdtype),
                                                   jnp.asarray(fallback[1], cdtype))
   eps = jnp.asarray(epsilon, cdtype)
@@ -141,18 +145,23 @@ def standardize(x: Array, axes: tuple[int, ...], scale: Array | None = None,
   return y, Centered(shift=shift, offset=offset, var=var, count=count), usable
 
 
-def _kernels_cover(x, axes, scale, bias, where, axis_name, fallback, dtype) -> bool:
-  """Whether this call runs on the fused CPU kernels (:mod:`jaxnorm._cpu`): they are
-  switched on and built, the default backend is the CPU, and the layout is covered
-  (layer/RMS norm over trailing axes, see :func:`jaxnorm._cpu._rows.covers`)."""
+def _kernels_on() -> bool:
+  """Whether jaxnorm's fused CPU kernels (:mod:`jaxnorm._cpu`) are switched on, built,
+  and the default backend is the CPU (read at trace time)."""
   from . import _cpu
-  if _cpu._disabled or not _cpu._env_enabled():
+  if _cpu._disabled or not _cpu._env_enabled() or jax.default_backend() != "cpu":
     return False
+  return _cpu.kernels_available()
+
+
+def _rows_cover(x, axes, scale, bias, where, axis_name, fallback, dtype) -> bool:
+  """Whether the row kernels take the whole call (layer/RMS norm over trailing axes,
+  see :func:`jaxnorm._cpu._rows.covers`).  Otherwise, with the kernels on, the
+  statistics and the backward's sums of batch, group and instance norm go through
+  the column-sum kernel where it covers them (:mod:`jaxnorm._cpu._cols`)."""
   from ._cpu import _rows
-  if not _rows.covers(x, tuple(axes), scale, bias, where, axis_name=axis_name,
-                      fallback=fallback, out_dtype=jnp.dtype(dtype or x.dtype)):
-    return False
-  return jax.default_backend() == "cpu" and _cpu.kernels_available()
+  return _rows.covers(x, tuple(axes), scale, bias, where, axis_name=axis_name,
+                      fallback=fallback, out_dtype=jnp.dtype(dtype or x.dtype))
 
 
 def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None = None,
@@ -242,6 +251,7 @@ class _Config:
   center: bool
   out_dtype: Any
   fallback: bool
+  kernels: bool = False  # the CPU column-sum kernel may take the sums
 
 
 def _hashable(v):
@@ -311,7 +321,8 @@ def _moments(cfg: _Config, x, where) -> tuple[Centered, Array]:
   """
   outer, inner = _split_axes(cfg.axes, x.ndim)
   per = centered_moments(x, outer, where=where, axis_name=cfg.axis_name,
-                         axis_index_groups=cfg.axis_index_groups, center=cfg.center)
+                         axis_index_groups=cfg.axis_index_groups, center=cfg.center,
+                         kernels=cfg.kernels)
   if not inner:
     return per, per.shift
   total = lambda v: jnp.sum(v, axis=inner, keepdims=True)
@@ -386,18 +397,24 @@ def _bwd(cfg, residuals, cts):
   rest = tuple(ax for ax in cfg.axes if ax not in q)
   # t2 = sum_q(g * (x - k - d)), centred on the finest shift kf (constant along q:
   # per channel for group norm, faster to reduce) and corrected by (kf - k - d) * t1.
-  t1 = reduce(fresh_xg()[1], q)
   if any(kf.shape[a] != 1 for a in q):  # the finest shift must be constant along q
     kf = k
-  xf, gf = fresh_xg()
-  if not cfg.center:
-    t2 = reduce(gf * xf, q)
-  elif q:
-    (kfq,) = independent(kf)
-    t2 = reduce(gf * (xf - kfq), q) + ((kf - k) - d) * t1
+  if q and cfg.kernels and where is None and _cols_cover(x, q, g):
+    from ._cpu import _cols  # both sums in one pass over g and x
+    t1, t2 = _cols.shifted_sums(g, None, x, kf if cfg.center else None, q)
+    if cfg.center:
+      t2 = t2 + ((kf - k) - d) * t1
   else:
-    kq, dq = independent(k, d)
-    t2 = gf * centred(xf, kq, dq)
+    t1 = reduce(fresh_xg()[1], q)
+    xf, gf = fresh_xg()
+    if not cfg.center:
+      t2 = reduce(gf * xf, q)
+    elif q:
+      (kfq,) = independent(kf)
+      t2 = reduce(gf * (xf - kfq), q) + ((kf - k) - d) * t1
+    else:
+      kq, dq = independent(k, d)
+      t2 = gf * centred(xf, kq, dq)
   # a1 = sum_R(g * scale), a2 = sum_R(g * scale * (x - mean)), on this device.
   if s is None:
     a1, a2 = reduce(t1, rest), reduce(t2, rest)
@@ -466,6 +483,11 @@ def _bwd(cfg, residuals, cts):
   cts_in = (dx, dscale, dbias, None, d_rm, d_rv, d_eps)
   primals = (x, scale, bias, where, rm, rv, eps)
   return tuple(_match_vma(ct, p) for ct, p in zip(cts_in, primals))
+
+
+def _cols_cover(x, axes, g) -> bool:
+  from ._cpu import _cols
+  return _cols.covers(x, axes, g)
 
 
 def _vma(a) -> frozenset:

@@ -1,6 +1,7 @@
 """Fused CPU kernels (XLA FFI custom calls): build, load and the on/off switches.
 
-The kernels are C++ (``rows.cc``) compiled with ``g++ -O3 -march=native`` against the
+The kernels are C++ (``rows.cc``: layer/RMS norm per row; ``cols.cc``: the column
+sums behind batch, group and instance norm's statistics) compiled with ``g++ -O3 -march=native`` against the
 FFI headers of the *installed* jaxlib (``jax.ffi.include_dir()``).  They are built at
 first use into a per-user cache (``$JAXNORM_CACHE_DIR``, default
 ``~/.cache/jaxnorm``), keyed by a hash of the source, the jaxlib version, the
@@ -27,9 +28,11 @@ import tempfile
 import threading
 import warnings
 
-_SOURCE = pathlib.Path(__file__).with_name("rows.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "rows.cc", _HERE / "cols.cc")
+_HEADERS = (_HERE / "common.h",)
 _TARGETS = {"jaxnorm_rows_fwd": "JaxnormRowsFwd", "jaxnorm_rows_bwd": "JaxnormRowsBwd",
-            "jaxnorm_axpb": "JaxnormAxpb"}
+            "jaxnorm_column_sums": "JaxnormColumnSums", "jaxnorm_axpb": "JaxnormAxpb"}
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "error": None, "warned": False}
@@ -80,7 +83,7 @@ def _compiler() -> str | None:
 
 
 def _build() -> pathlib.Path:
-  """Compiles ``rows.cc`` into the cache (once per key); returns the library path."""
+  """Compiles the kernels (``rows.cc``, ``cols.cc``) into the cache (once per key); returns the library path."""
   import jax
   import jaxlib
   cxx = _compiler()
@@ -89,7 +92,7 @@ def _build() -> pathlib.Path:
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(),
+  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), jaxlib.__version__.encode(), cxx.encode(),
                " ".join(flags).encode(), _cpu_flags().encode(), sys.platform.encode()):
     key.update(part)
   out = _cache_dir() / f"rows-{key.hexdigest()[:16]}.so"
@@ -106,7 +109,7 @@ def _build() -> pathlib.Path:
       return out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
       tmp_out = pathlib.Path(tmp) / out.name
-      cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
+      cmd = [cxx, *flags, f"-I{include}", *map(str, _SOURCES), "-o", str(tmp_out)]
       proc = subprocess.run(cmd, capture_output=True, text=True)
       if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")

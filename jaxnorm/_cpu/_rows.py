@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import batching
 
 from .._stats import Centered
 from .._types import Array
+from ._prim import make_primitive, with_impl_jvp
 
 CENTER, SCALE, BIAS, MASK = 1, 2, 4, 8
 BLOCK_ROWS = 64  # rows per block of the parameter-gradient partial sums
@@ -170,43 +170,16 @@ def _bwd_impl(x, g, scale, mask, k, d, rstd, ctd, ctv, *, flags, p, nb):
   return (dx.astype(x.dtype), a2, ps, pb)
 
 
-def _partitioned(ctx) -> bool:
-  """Whether this lowering is for a computation XLA partitions over several devices."""
-  try:
-    from jax._src import sharding_impls as si
-  except ImportError:  # pragma: no cover - private module moved: be conservative
-    return True
-  ac = ctx.module_context.axis_context
-  if isinstance(ac, si.ShardingContext):
-    return ac.num_devices > 1
-  if isinstance(ac, si.SPMDAxisContext):  # shard_map: partitioned if any auto axis left
-    shape = dict(ac.mesh.shape)
-    return any(size > 1 for name, size in shape.items() if name not in ac.manual_axes)
-  return False  # pmap / replicas: each device runs its own copy
-
-
-def _make_primitive(name, abstract, impl, n_full, target):
-  prim = Primitive(name)
-  prim.multiple_results = True
-  prim.def_abstract_eval(lambda *avals, **params: abstract(*avals, **params))
-  prim.def_impl(lambda *args, **params: jax.jit(functools.partial(prim.bind, **params))(*args))
-
-  def lower_xla(ctx, *args, **params):
-    return mlir.lower_fun(functools.partial(impl, **params), multiple_results=True)(ctx, *args)
-
-  def lower_cpu(ctx, *args, **params):
-    if _partitioned(ctx):
-      return lower_xla(ctx, *args, **params)
-    return jax.ffi.ffi_lowering(target)(ctx, *args, flags=np.int32(params["flags"]))
-
-  mlir.register_lowering(prim, lower_xla)
-  mlir.register_lowering(prim, lower_cpu, platform="cpu")
+def _batch_rule(prim, n_full):
+  """``vmap``: the batched axis goes first on every operand; full-size operands that
+  are not batched are broadcast, the others get a size-1 axis (the kernels broadcast
+  it).  The parameter-group prefix ``p`` grows by one."""
 
   def batch(args, dims, **params):
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     out = []
     for i, (a, d) in enumerate(zip(args, dims)):
-      if d is None:  # full-size operands are broadcast, the others get a 1
+      if d is None:
         a = (jnp.broadcast_to(a, (size,) + a.shape) if i < n_full
              else jnp.expand_dims(a, 0))
       else:
@@ -217,40 +190,15 @@ def _make_primitive(name, abstract, impl, n_full, target):
     outs = prim.bind(*out, **params)
     return outs, (0,) * len(outs)
 
-  batching.primitive_batchers[prim] = batch
-  return prim
+  return batch
 
 
-_fwd_p = _make_primitive("jaxnorm_rows_fwd", _fwd_abstract, _fwd_impl, 1, "jaxnorm_rows_fwd")
-_bwd_p = _make_primitive("jaxnorm_rows_bwd", _bwd_abstract, _bwd_impl, 2, "jaxnorm_rows_bwd")
-
-
-def _with_impl_jvp(prim, impl, nondiff):
-  """``prim.bind`` with a JVP given by the JAX implementation (for higher orders)."""
-
-  @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-  def call(params, *args):
-    return tuple(prim.bind(*args, **dict(params)))
-
-  @call.defjvp
-  def _jvp(params, primals, tangents):
-    keep = [i for i in range(len(primals)) if i not in nondiff]
-
-    def f(*diff):
-      full = list(primals)
-      for i, v in zip(keep, diff):
-        full[i] = v
-      return impl(*full, **dict(params))
-
-    out = call(params, *primals)
-    _, t_out = jax.jvp(f, tuple(primals[i] for i in keep), tuple(tangents[i] for i in keep))
-    return out, t_out
-
-  return call
-
-
-_fwd_call = _with_impl_jvp(_fwd_p, _fwd_impl, nondiff=(3,))      # mask
-_bwd_call = _with_impl_jvp(_bwd_p, _bwd_impl, nondiff=(3,))      # mask
+_fwd_p = make_primitive("jaxnorm_rows_fwd", _fwd_abstract, _fwd_impl)
+_bwd_p = make_primitive("jaxnorm_rows_bwd", _bwd_abstract, _bwd_impl)
+batching.primitive_batchers[_fwd_p] = _batch_rule(_fwd_p, 1)
+batching.primitive_batchers[_bwd_p] = _batch_rule(_bwd_p, 2)
+_fwd_call = with_impl_jvp(_fwd_p, _fwd_impl, nondiff=(3,))      # mask
+_bwd_call = with_impl_jvp(_bwd_p, _bwd_impl, nondiff=(3,))      # mask
 
 
 # ------------------------------------------------------------------------- custom VJP

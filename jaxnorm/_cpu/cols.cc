@@ -1,0 +1,156 @@
+// Column sums for jaxnorm: the statistics of batch, group and instance norm with the
+// features minor (NHWC), in one pass over the data.
+//
+// The operands a and b are viewed as (S, M, L): sums run over the middle axis M, one
+// result per (s, l).  With shifts ka, kb of shape (S or 1, 1, L or 1):
+//
+//   s1[s, l] = sum_m (a[s, m, l] - ka[s, l])
+//   s2[s, l] = sum_m (a[s, m, l] - ka[s, l]) * (b[s, m, l] - kb[s, l])
+//
+// Forward statistics: a = b = x, ka = kb = the shift (a data value near the mean), so
+// s1 / n is the offset of the mean from the shift and s2 / n - (s1 / n)^2 the variance
+// (flag kSame: b is a, read once).  Backward: a = g, ka = 0, b = x, kb = the shift:
+// sum(g) and sum(g * (x - shift)) together, reading g and x once.  XLA:CPU computes
+// each of these sums as its own pass over memory; here the pair costs one.
+//
+// Partition: tasks are (s, chunk of L, block of M), fixed by the shapes alone.  Each
+// task sums its rows per column in float32 (vectorised along the contiguous L), and
+// the block totals are added in double, in block order: results do not depend on the
+// number of threads.
+
+#include "common.h"
+
+namespace {
+
+using namespace jaxnorm;
+
+enum Flags { kSame = 1 };
+
+constexpr int64_t kTaskElems = 1 << 14;  // elements per task (about 64 KiB of float32)
+constexpr int64_t kMaxChunk = 2048;      // columns per task: the accumulators stay in L1
+constexpr int64_t kMaxBlockRows = 128;   // rows summed in float32 before going to double
+
+struct Shift {  // a shift operand of shape (S or 1, 1, L or 1)
+  const float* p;
+  int64_t s_stride, l_stride;
+  Shift(const ffi::AnyBuffer& b, int64_t S, int64_t L) : p(static_cast<const float*>(b.untyped_data())) {
+    auto d = b.dimensions();
+    const int64_t bs = d[0], bl = d[2];
+    l_stride = (bl == 1 && L != 1) ? 0 : 1;
+    s_stride = (bs == 1 && S != 1) ? 0 : bl;
+  }
+  float at(int64_t s, int64_t l) const { return p[s * s_stride + l * l_stride]; }
+};
+
+template <class TA, class TB>
+void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int64_t S,
+                 int64_t M, int64_t L, const Shift& ka, const Shift& kb, float* s1, float* s2) {
+  const bool same = flags & kSame;
+  const int64_t chunk = std::min(L, kMaxChunk);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const int64_t rows = std::min(kMaxBlockRows, std::max<int64_t>(1, kTaskElems / chunk));
+  const int64_t nblocks = (M + rows - 1) / rows;
+  // Block totals, (S, nblocks, L) each, in double.
+  std::vector<double> p1(static_cast<size_t>(S * nblocks * L)), p2(p1.size());
+  parallel_for(pool, S * nchunks * nblocks, [&](int64_t t) {
+    const int64_t blk = t % nblocks, c = (t / nblocks) % nchunks, s = t / (nblocks * nchunks);
+    const int64_t l0 = c * chunk, n = std::min(L, l0 + chunk) - l0;
+    const int64_t m0 = blk * rows, m1 = std::min(M, m0 + rows);
+    std::vector<float> buf(4 * n);
+    float *sa = buf.data(), *sb = sa + n, *acc1 = sb + n, *acc2 = acc1 + n;
+    for (int64_t i = 0; i < n; ++i) {
+      sa[i] = ka.at(s, l0 + i);
+      sb[i] = kb.at(s, l0 + i);
+      acc1[i] = 0.f;
+      acc2[i] = 0.f;
+    }
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t off = (s * M + m) * L + l0;
+      const TA* ar = a + off;
+      if (same) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float u = to_f32(ar[i]) - sa[i];
+          acc1[i] += u;
+          acc2[i] += u * u;
+        }
+      } else {
+        const TB* br = b + off;
+        for (int64_t i = 0; i < n; ++i) {
+          const float u = to_f32(ar[i]) - sa[i];
+          acc1[i] += u;
+          acc2[i] += u * (to_f32(br[i]) - sb[i]);
+        }
+      }
+    }
+    double* q1 = p1.data() + (s * nblocks + blk) * L + l0;
+    double* q2 = p2.data() + (s * nblocks + blk) * L + l0;
+    for (int64_t i = 0; i < n; ++i) {
+      q1[i] = acc1[i];
+      q2[i] = acc2[i];
+    }
+  });
+  // Add the block totals in block order; tasks are (s, chunk of L).
+  parallel_for(pool, S * nchunks, [&](int64_t t) {
+    const int64_t c = t % nchunks, s = t / nchunks;
+    const int64_t l0 = c * chunk, l1 = std::min(L, l0 + chunk);
+    for (int64_t l = l0; l < l1; ++l) {
+      double t1 = 0, t2 = 0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        t1 += p1[(s * nblocks + blk) * L + l];
+        t2 += p2[(s * nblocks + blk) * L + l];
+      }
+      s1[s * L + l] = static_cast<float>(t1);
+      s2[s * L + l] = static_cast<float>(t2);
+    }
+  });
+}
+
+ffi::Error ColumnSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer ka,
+                          ffi::AnyBuffer b, ffi::AnyBuffer kb, ffi::Result<ffi::AnyBuffer> s1,
+                          ffi::Result<ffi::AnyBuffer> s2, int32_t flags) {
+  auto d = a.dimensions();
+  if (d.size() != 3 || b.dimensions().size() != 3 || ka.dimensions().size() != 3 ||
+      kb.dimensions().size() != 3)
+    return ffi::Error::InvalidArgument("jaxnorm column sums: operands must have rank 3");
+  const int64_t S = d[0], M = d[1], L = d[2];
+  for (int i = 0; i < 3; ++i)
+    if (b.dimensions()[i] != d[i])
+      return ffi::Error::InvalidArgument("jaxnorm column sums: a and b differ in shape");
+  if (ka.element_type() != ffi::DataType::F32 || kb.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("jaxnorm column sums: shifts must be float32");
+  Shift sa(ka, S, L), sb(kb, S, L);
+  float* o1 = static_cast<float*>(s1->untyped_data());
+  float* o2 = static_cast<float*>(s2->untyped_data());
+#define JN_COLS(TA, TB)                                                                        \
+  column_sums<TA, TB>(pool, flags, static_cast<const TA*>(a.untyped_data()),                   \
+                      static_cast<const TB*>(b.untyped_data()), S, M, L, sa, sb, o1, o2)
+#define JN_COLS_B(TA)                                     \
+  switch (kind_of(b.element_type())) {                    \
+    case Kind::kF32: JN_COLS(TA, float); break;           \
+    case Kind::kBF16: JN_COLS(TA, bf16); break;           \
+    case Kind::kF16: JN_COLS(TA, f16); break;             \
+    default: return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype"); \
+  }
+  switch (kind_of(a.element_type())) {
+    case Kind::kF32: JN_COLS_B(float); break;
+    case Kind::kBF16: JN_COLS_B(bf16); break;
+    case Kind::kF16: JN_COLS_B(f16); break;
+    default: return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype");
+  }
+#undef JN_COLS_B
+#undef JN_COLS
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColumnSums, ColumnSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // a (S, M, L)
+                                  .Arg<ffi::AnyBuffer>()   // ka (S|1, 1, L|1), f32
+                                  .Arg<ffi::AnyBuffer>()   // b (S, M, L)
+                                  .Arg<ffi::AnyBuffer>()   // kb (S|1, 1, L|1), f32
+                                  .Ret<ffi::AnyBuffer>()   // s1 (S, 1, L), f32
+                                  .Ret<ffi::AnyBuffer>()   // s2 (S, 1, L), f32
+                                  .Attr<int32_t>("flags"));

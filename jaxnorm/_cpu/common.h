@@ -1,0 +1,128 @@
+// Shared by jaxnorm's CPU kernels (rows.cc, cols.cc): element types with float32
+// conversion, broadcasting of small operands, and a deterministic parallel loop on
+// XLA's intra-op thread pool.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxnorm {
+
+// ----------------------------------------------------------------------------- dtypes
+
+struct bf16 { uint16_t bits; };
+using f16 = _Float16;
+using Dims = xla::ffi::Span<const int64_t>;
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(f16 v) { return static_cast<float>(v); }
+inline float to_f32(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class T> inline T from_f32(float v);
+template <> inline float from_f32<float>(float v) { return v; }
+template <> inline f16 from_f32<f16>(float v) { return static_cast<f16>(v); }
+template <> inline bf16 from_f32<bf16>(float v) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // a select, not a branch: vectorises
+  return bf16{static_cast<uint16_t>(nan ? quiet : rounded)};
+}
+
+enum class Kind { kF32, kBF16, kF16, kOther };
+
+inline Kind kind_of(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return Kind::kF32;
+    case ffi::DataType::BF16: return Kind::kBF16;
+    case ffi::DataType::F16: return Kind::kF16;
+    default: return Kind::kOther;
+  }
+}
+
+// ------------------------------------------------------------------- broadcasting
+
+// Maps a row of x (flat index over x's leading axes) to a row of an operand of the
+// same rank whose leading axes are either x's or 1.
+struct RowMap {
+  std::vector<int64_t> lead;     // x's leading dims
+  std::vector<int64_t> strides;  // operand row strides, 0 where broadcast
+  bool identity = true, constant = true;
+
+  RowMap(const std::vector<int64_t>& x_lead, Dims dims) : lead(x_lead) {
+    const size_t k = lead.size();
+    strides.assign(k, 0);
+    int64_t s = 1;
+    for (size_t i = k; i-- > 0;) {
+      const int64_t d = dims[i];
+      strides[i] = (d == 1 && lead[i] != 1) ? 0 : s;
+      if (d == 1 && lead[i] != 1) identity = false;
+      if (d != 1) constant = false;
+      s *= d;
+    }
+  }
+  int64_t operator()(int64_t r) const {
+    if (identity) return r;
+    if (constant) return 0;
+    int64_t off = 0;
+    for (size_t i = lead.size(); i-- > 0;) {
+      off += (r % lead[i]) * strides[i];
+      r /= lead[i];
+    }
+    return off;
+  }
+};
+
+// ----------------------------------------------------------------------- threads
+
+// Runs body(b) for b in [0, nblocks) on the pool and the calling thread.  Blocks
+// are claimed dynamically, but each block's result is independent of who runs it.
+inline void parallel_for(ffi::ThreadPool& pool, int64_t nblocks, const std::function<void(int64_t)>& body) {
+  if (nblocks <= 0) return;
+  int64_t nthreads = pool.num_threads();
+  int64_t helpers = std::min<int64_t>(nthreads, nblocks - 1);
+  if (helpers <= 0) {
+    for (int64_t b = 0; b < nblocks; ++b) body(b);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> active{0};
+  };
+  auto st = std::make_shared<State>();
+  auto fn = std::make_shared<std::function<void(int64_t)>>(body);
+  auto work = [st, fn, nblocks]() {
+    st->active.fetch_add(1);
+    for (;;) {
+      int64_t b = st->next.fetch_add(1);
+      if (b >= nblocks) break;
+      (*fn)(b);
+      st->done.fetch_add(1);
+    }
+    st->active.fetch_sub(1);
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  // Wait for blocks claimed by helpers (a helper that starts late finds none left).
+  while (st->done.load() < nblocks) std::this_thread::yield();
+  // `fn` may still be referenced by late helpers: it is kept alive by shared_ptr.
+}
+
+}  // namespace jaxnorm
