@@ -1,5 +1,8 @@
 """The fused CPU kernels (jaxnorm._cpu): layer and RMS norm over trailing axes.
 
+(The column-sum kernel of batch/group/instance norm: tests/test_kernels_cols.py;
+the thread-count test below covers both.)
+
 Compared with the float64 oracle (tests/reference.py) and with the XLA path
 (kernels forced off): outputs, statistics and first/second-order gradients over
 dtypes, odd row lengths, one row, an empty batch, per-row masks, NaN/Inf rows,
@@ -306,7 +309,11 @@ _THREADS_SCRIPT = textwrap.dedent("""
     loss = lambda x, s, b: jnp.sum(jnp.sin(jn.layer_norm(x, s, b)))
     f = jax.jit(lambda x, s, b: (jn.layer_norm(x, s, b), jax.grad(loss, argnums=(0, 1, 2))(x, s, b)))
     y, g = f(x, s, b)
-    np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, *g)]))
+    # the column-sum kernel (batch norm): the running statistics, and dx
+    bn = lambda x: jn.batch_norm(x, jn.init_batch_stats(257), training=True)
+    st = jax.jit(lambda x: bn(x)[1])(x)
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(bn(x)[0]))))(x)
+    np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, *g, st.mean, st.var, dx)]))
 """)
 
 

@@ -14,9 +14,9 @@
 // each of these sums as its own pass over memory; here the pair costs one.
 //
 // Partition: tasks are (s, chunk of L, block of M), fixed by the shapes alone.  Each
-// task sums its rows per column in float32 (vectorised along the contiguous L), and
-// the block totals are added in double, in block order: results do not depend on the
-// number of threads.
+// task sums its rows per column in float32 (vectorised along the contiguous L) over
+// 128 rows at a time, adding those into double; the task totals are added in double,
+// in block order: results do not depend on the number of threads.
 
 #include "common.h"
 
@@ -26,9 +26,9 @@ using namespace jaxnorm;
 
 enum Flags { kSame = 1 };
 
-constexpr int64_t kTaskElems = 1 << 14;  // elements per task (about 64 KiB of float32)
-constexpr int64_t kMaxChunk = 2048;      // columns per task: the accumulators stay in L1
-constexpr int64_t kMaxBlockRows = 128;   // rows summed in float32 before going to double
+constexpr int64_t kTaskElems = 1 << 16;  // elements per task (256 KiB of float32)
+constexpr int64_t kMaxChunk = 2048;       // columns per task: whole rows up to this stream best
+constexpr int64_t kBlockRows = 128;       // rows summed in float32 before going to double
 
 struct Shift {  // a shift operand of shape (S or 1, 1, L or 1)
   const float* p;
@@ -42,54 +42,97 @@ struct Shift {  // a shift operand of shape (S or 1, 1, L or 1)
   float at(int64_t s, int64_t l) const { return p[s * s_stride + l * l_stride]; }
 };
 
+// acc1 += sum over K rows of u, acc2 += sum of u * v, with u = a - sa, v = b - sb (or u),
+// the K rows added pairwise first; rows are `stride` apart.  Vector body, scalar tail
+// with the same per-element arithmetic.
+template <int K, bool kSameAB, class TA, class TB>
+inline void add_rows(const TA* a, const TB* b, int64_t stride, const float* sa, const float* sb,
+                     float* acc1, float* acc2, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const V8 ka = load8(sa + i), kb = load8(sb + i);
+    V8 u[K], p[K];
+    for (int k = 0; k < K; ++k) {
+      u[k] = load8(a + k * stride + i) - ka;
+      p[k] = u[k] * (kSameAB ? u[k] : load8(b + k * stride + i) - kb);
+    }
+    V8 su = u[0], sp = p[0];
+    if constexpr (K == 4) {
+      su = (u[0] + u[1]) + (u[2] + u[3]);
+      sp = (p[0] + p[1]) + (p[2] + p[3]);
+    }
+    store8(acc1 + i, load8(acc1 + i) + su);
+    store8(acc2 + i, load8(acc2 + i) + sp);
+  }
+  for (; i < n; ++i) {
+    float u[K], p[K];
+    for (int k = 0; k < K; ++k) {
+      u[k] = to_f32(a[k * stride + i]) - sa[i];
+      p[k] = u[k] * (kSameAB ? u[k] : to_f32(b[k * stride + i]) - sb[i]);
+    }
+    float su = u[0], sp = p[0];
+    if constexpr (K == 4) {
+      su = (u[0] + u[1]) + (u[2] + u[3]);
+      sp = (p[0] + p[1]) + (p[2] + p[3]);
+    }
+    acc1[i] += su;
+    acc2[i] += sp;
+  }
+}
+
 template <class TA, class TB>
 void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int64_t S,
                  int64_t M, int64_t L, const Shift& ka, const Shift& kb, float* s1, float* s2) {
   const bool same = flags & kSame;
   const int64_t chunk = std::min(L, kMaxChunk);
   const int64_t nchunks = (L + chunk - 1) / chunk;
-  const int64_t rows = std::min(kMaxBlockRows, std::max<int64_t>(1, kTaskElems / chunk));
+  const int64_t per_task = kTaskElems / chunk;  // rows per task: a multiple of kBlockRows
+  const int64_t rows = std::max<int64_t>(1, per_task / kBlockRows) * kBlockRows;
   const int64_t nblocks = (M + rows - 1) / rows;
-  // Block totals, (S, nblocks, L) each, in double.
-  std::vector<double> p1(static_cast<size_t>(S * nblocks * L)), p2(p1.size());
+  // Task totals, (S, nblocks, L) each, in double.
+  const size_t np = static_cast<size_t>(S * nblocks * L);
+  std::unique_ptr<double[]> p1(new double[np]), p2(new double[np]);
   parallel_for(pool, S * nchunks * nblocks, [&](int64_t t) {
     const int64_t blk = t % nblocks, c = (t / nblocks) % nchunks, s = t / (nblocks * nchunks);
     const int64_t l0 = c * chunk, n = std::min(L, l0 + chunk) - l0;
     const int64_t m0 = blk * rows, m1 = std::min(M, m0 + rows);
     std::vector<float> buf(4 * n);
     float *sa = buf.data(), *sb = sa + n, *acc1 = sb + n, *acc2 = acc1 + n;
+    double* q1 = p1.get() + (s * nblocks + blk) * L + l0;
+    double* q2 = p2.get() + (s * nblocks + blk) * L + l0;
     for (int64_t i = 0; i < n; ++i) {
       sa[i] = ka.at(s, l0 + i);
       sb[i] = kb.at(s, l0 + i);
-      acc1[i] = 0.f;
-      acc2[i] = 0.f;
+      q1[i] = 0;
+      q2[i] = 0;
     }
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t off = (s * M + m) * L + l0;
-      const TA* ar = a + off;
-      if (same) {
-        for (int64_t i = 0; i < n; ++i) {
-          const float u = to_f32(ar[i]) - sa[i];
-          acc1[i] += u;
-          acc2[i] += u * u;
-        }
-      } else {
-        const TB* br = b + off;
-        for (int64_t i = 0; i < n; ++i) {
-          const float u = to_f32(ar[i]) - sa[i];
-          acc1[i] += u;
-          acc2[i] += u * (to_f32(br[i]) - sb[i]);
-        }
+    for (int64_t r0 = m0; r0 < m1; r0 += kBlockRows) {
+      for (int64_t i = 0; i < n; ++i) acc1[i] = acc2[i] = 0.f;
+      const int64_t r1 = std::min(m1, r0 + kBlockRows);
+      // Four rows at a time (the accumulators are loaded and stored once per four
+      // rows), then the remaining rows one by one: a fixed order for a given shape.
+      int64_t m = r0;
+      for (; m + 4 <= r1; m += 4) {
+        const int64_t off = (s * M + m) * L + l0;
+        if (same)
+          add_rows<4, true>(a + off, b + off, L, sa, sb, acc1, acc2, n);
+        else
+          add_rows<4, false>(a + off, b + off, L, sa, sb, acc1, acc2, n);
+      }
+      for (; m < r1; ++m) {
+        const int64_t off = (s * M + m) * L + l0;
+        if (same)
+          add_rows<1, true>(a + off, b + off, L, sa, sb, acc1, acc2, n);
+        else
+          add_rows<1, false>(a + off, b + off, L, sa, sb, acc1, acc2, n);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        q1[i] += acc1[i];
+        q2[i] += acc2[i];
       }
     }
-    double* q1 = p1.data() + (s * nblocks + blk) * L + l0;
-    double* q2 = p2.data() + (s * nblocks + blk) * L + l0;
-    for (int64_t i = 0; i < n; ++i) {
-      q1[i] = acc1[i];
-      q2[i] = acc2[i];
-    }
   });
-  // Add the block totals in block order; tasks are (s, chunk of L).
+  // Add the task totals in block order; tasks are (s, chunk of L).
   parallel_for(pool, S * nchunks, [&](int64_t t) {
     const int64_t c = t % nchunks, s = t / nchunks;
     const int64_t l0 = c * chunk, l1 = std::min(L, l0 + chunk);

@@ -20,14 +20,14 @@ namespace jaxnorm {
 
 // ----------------------------------------------------------------------------- dtypes
 
-struct bf16 { uint16_t bits; };
+enum class bf16 : uint16_t {};  // a scalar type (not a struct): loops over it vectorise
 using f16 = _Float16;
 using Dims = xla::ffi::Span<const int64_t>;
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(f16 v) { return static_cast<float>(v); }
 inline float to_f32(bf16 v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
@@ -42,8 +42,34 @@ template <> inline bf16 from_f32<bf16>(float v) {  // round to nearest even; NaN
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t quiet = (u >> 16) | 0x40u;
   const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // a select, not a branch: vectorises
-  return bf16{static_cast<uint16_t>(nan ? quiet : rounded)};
+  return static_cast<bf16>(nan ? quiet : rounded);
 }
+
+// Eight float32 lanes (one AVX register), and loads that widen each element type.
+// Explicit vectors: GCC's auto-vectoriser gives up on some of these loops.
+typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
+typedef uint16_t U16x8 __attribute__((vector_size(8 * sizeof(uint16_t))));
+typedef uint32_t U32x8 __attribute__((vector_size(8 * sizeof(uint32_t))));
+
+inline V8 load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline V8 load8(const bf16* p) {  // bfloat16 is the top half of a float32
+  U16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  const U32x8 w = __builtin_convertvector(h, U32x8) << 16;
+  V8 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+inline V8 load8(const f16* p) {
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = static_cast<float>(p[i]);
+  return load8(t);
+}
+inline void store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
 
 enum class Kind { kF32, kBF16, kF16, kOther };
 

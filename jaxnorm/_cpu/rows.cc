@@ -28,6 +28,11 @@ using namespace jaxnorm;
 // -------------------------------------------------------------------- row helpers
 
 constexpr int kLanes = 16;
+// The row reductions keep 16 independent partial sums, lane j summing the elements
+// i = j (mod 16), in two 8-float vectors (AVX registers; GCC's 64-byte vectors spill
+// on AVX2).  So they vectorise without -ffast-math and the order of every addition
+// is fixed by the row length alone.
+inline V8 load(const float* p) { return load8(p); }
 
 inline float combine(float* a) {
   for (int w = kLanes / 2; w > 0; w /= 2)
@@ -35,40 +40,83 @@ inline float combine(float* a) {
   return a[0];
 }
 
+struct Spill {  // the 16 lanes as an array, for the row's tail and the final combine
+  float a[kLanes];
+  Spill(V8 lo, V8 hi) {
+    std::memcpy(a, &lo, sizeof lo);
+    std::memcpy(a + 8, &hi, sizeof hi);
+  }
+};
+
 inline float row_sum(const float* x, int64_t n) {
-  float acc[kLanes] = {0};
+  V8 lo = {}, hi = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
-  return combine(acc);
+  for (; i + kLanes <= n; i += kLanes) {
+    lo += load(x + i);
+    hi += load(x + i + 8);
+  }
+  Spill t(lo, hi);
+  for (int j = 0; i < n; ++i, ++j) t.a[j] += x[i];
+  return combine(t.a);
 }
 
 inline void row_centred_sums(const float* x, int64_t n, float m, float* s1, float* s2) {
-  float a[kLanes] = {0}, b[kLanes] = {0};
+  V8 a0 = {}, a1 = {}, b0 = {}, b1 = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      float v = x[i + j] - m;
-      a[j] += v;
-      b[j] += v * v;
-    }
-  for (int j = 0; i < n; ++i, ++j) {
-    float v = x[i] - m;
-    a[j] += v;
-    b[j] += v * v;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V8 u = load(x + i) - m, v = load(x + i + 8) - m;
+    a0 += u;
+    a1 += v;
+    b0 += u * u;
+    b1 += v * v;
   }
-  *s1 = combine(a);
-  *s2 = combine(b);
+  Spill a(a0, a1), b(b0, b1);
+  for (int j = 0; i < n; ++i, ++j) {
+    const float v = x[i] - m;
+    a.a[j] += v;
+    b.a[j] += v * v;
+  }
+  *s1 = combine(a.a);
+  *s2 = combine(b.a);
 }
 
 inline float row_sum_sq(const float* x, int64_t n) {
-  float b[kLanes] = {0};
+  V8 b0 = {}, b1 = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) b[j] += x[i + j] * x[i + j];
-  for (int j = 0; i < n; ++i, ++j) b[j] += x[i] * x[i];
-  return combine(b);
+  for (; i + kLanes <= n; i += kLanes) {
+    const V8 u = load(x + i), v = load(x + i + 8);
+    b0 += u * u;
+    b1 += v * v;
+  }
+  Spill b(b0, b1);
+  for (int j = 0; i < n; ++i, ++j) b.a[j] += x[i] * x[i];
+  return combine(b.a);
+}
+
+// sum(gs) and sum(gs * ((x - m) - d)) over a row, gs = g * s (s may be null).
+inline void row_grad_sums(const float* x, const float* g, const float* s, int64_t n, float m,
+                          float d, float* a1, float* a2) {
+  V8 p0 = {}, p1 = {}, q0 = {}, q1 = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    V8 g0 = load(g + i), g1 = load(g + i + 8);
+    if (s) {
+      g0 *= load(s + i);
+      g1 *= load(s + i + 8);
+    }
+    p0 += g0;
+    p1 += g1;
+    q0 += g0 * ((load(x + i) - m) - d);
+    q1 += g1 * ((load(x + i + 8) - m) - d);
+  }
+  Spill t1(p0, p1), t2(q0, q1);
+  for (int j = 0; i < n; ++i, ++j) {
+    const float gs = s ? g[i] * s[i] : g[i];
+    t1.a[j] += gs;
+    t2.a[j] += gs * ((x[i] - m) - d);
+  }
+  *a1 = combine(t1.a);
+  *a2 = combine(t2.a);
 }
 
 // A row as float32: the data itself, or converted once into a per-thread buffer.
@@ -198,20 +246,8 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
         a2out[r] = 0.f;
         continue;
       }
-      float a1v[kLanes] = {0}, a2v[kLanes] = {0};
-      int64_t i = 0;
-      for (; i + kLanes <= C; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) {
-          const float gs = s ? gr[i + j] * s[i + j] : gr[i + j];
-          a1v[j] += gs;
-          a2v[j] += gs * ((xr[i + j] - m) - d);
-        }
-      for (int j = 0; i < C; ++i, ++j) {
-        const float gs = s ? gr[i] * s[i] : gr[i];
-        a1v[j] += gs;
-        a2v[j] += gs * ((xr[i] - m) - d);
-      }
-      const float a1 = combine(a1v), a2 = combine(a2v);
+      float a1, a2;
+      row_grad_sums(xr, gr, s, C, m, d, &a1, &a2);
       a2out[r] = a2;
       // dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n:
       // gs - a1 / n first, so the cancellation happens before the scaling by rstd.
