@@ -49,42 +49,52 @@ def covers(x: Array, axes: tuple[int, ...], *others: Array) -> bool:
              and not _explicitly_sharded(a) for a in (x, *others))
 
 
-def _abstract(a, ka, b, kb, *, flags):
-  out = jax.core.ShapedArray((a.shape[0], 1, a.shape[2]), jnp.float32)
+def _split(shape, begin, end):
+  return math.prod(shape[:begin]), math.prod(shape[begin:end]), math.prod(shape[end:])
+
+
+def _abstract(a, ka, b, kb, *, flags, begin, end):
+  s, _, l = _split(a.shape, begin, end)
+  out = jax.core.ShapedArray((s, 1, l), jnp.float32)
   return out, out
 
 
-def _impl(a, ka, b, kb, *, flags):
+def _impl(a, ka, b, kb, *, flags, begin, end):
   """The kernel's math as JAX operations (partitioned computations, other platforms,
   derivatives)."""
-  u = a.astype(jnp.float32) - ka
-  v = u if flags & SAME else b.astype(jnp.float32) - kb
+  lay = _split(a.shape, begin, end)
+  u = a.reshape(lay).astype(jnp.float32) - ka
+  v = u if flags & SAME else b.reshape(lay).astype(jnp.float32) - kb
   return jnp.sum(u, axis=1, keepdims=True), jnp.sum(u * v, axis=1, keepdims=True)
 
 
-_p = make_primitive("jaxnorm_column_sums", _abstract, _impl)
+# a and b keep their own shapes (axes [begin, end) reduced): reshaping them to 3-D
+# here can make XLA:CPU copy x before the call (a fusion of two bitcasts)
+_p = make_primitive("jaxnorm_column_sums", _abstract, _impl, attrs=("flags", "begin", "end"))
 
 
-def _batch(args, dims, *, flags):
-  """``vmap``: the batched axis merges into ``S`` (still one kernel call)."""
+def _batch(args, dims, *, flags, begin, end):
+  """``vmap``: the batched axis goes first and joins ``S`` (still one kernel call)."""
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   a0, d0 = args[0], dims[0]
-  s = a0.shape[0] if d0 is None else tuple(n for i, n in enumerate(a0.shape) if i != d0)[0]
+  shape = a0.shape if d0 is None else tuple(n for i, n in enumerate(a0.shape) if i != d0)
+  s = math.prod(shape[:begin])
   out = []
   for i, (a, d) in enumerate(zip(args, dims)):
-    full = i in (0, 2)
-    if d is None:
-      if full or a.shape[0] != 1:
-        a = jnp.broadcast_to(a, (size,) + a.shape)
-      else:  # a shift broadcast along S: stays broadcast
-        out.append(a)
+    if i in (0, 2):  # a, b: batched axis first
+      out.append(jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0))
+      continue
+    if d is None:  # a shift (S or 1, 1, L or 1)
+      if a.shape[0] == 1:
+        out.append(a)  # broadcast along S: stays broadcast
         continue
+      a = jnp.broadcast_to(a, (size,) + a.shape)
     else:
       a = jnp.moveaxis(a, d, 0)
-      if not full and a.shape[1] == 1 and s != 1:
+      if a.shape[1] == 1 and s != 1:
         a = jnp.broadcast_to(a, (size, s) + a.shape[2:])
     out.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
-  s1, s2 = _p.bind(*out, flags=flags)
+  s1, s2 = _p.bind(*out, flags=flags, begin=begin + 1, end=end + 1)
   unmerge = lambda r: r.reshape((size, s) + r.shape[1:])
   return (unmerge(s1), unmerge(s2)), (0, 0)
 
@@ -101,6 +111,7 @@ def shifted_sums(a: Array, ka: Array | None, b: Array | None, kb: Array | None,
   for 0) of the keep-dims shape or broadcastable to it.  Call only where
   :func:`covers`.
   """
+  axes = tuple(sorted(axes))
   s, m, l = layout(a.shape, axes)
   keep = tuple(1 if i in axes else d for i, d in enumerate(a.shape))
 
@@ -109,9 +120,9 @@ def shifted_sums(a: Array, ka: Array | None, b: Array | None, kb: Array | None,
       return jnp.zeros((1, 1, 1), jnp.float32)
     return jnp.broadcast_to(k.astype(jnp.float32), keep).reshape(s, 1, l)
 
-  a3 = a.reshape(s, m, l)
   same = b is None
   ka3 = shift(ka)
-  b3, kb3 = (a3, ka3) if same else (b.reshape(s, m, l), shift(kb))
-  s1, s2 = _call((("flags", SAME if same else 0),), a3, ka3, b3, kb3)
+  b, kb3 = (a, ka3) if same else (b, shift(kb))
+  params = (("flags", SAME if same else 0), ("begin", axes[0]), ("end", axes[-1] + 1))
+  s1, s2 = _call(params, a, ka3, b, kb3)
   return s1.reshape(keep), s2.reshape(keep)

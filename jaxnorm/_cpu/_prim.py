@@ -32,9 +32,10 @@ def partitioned(ctx) -> bool:
   return False  # pmap / replicas: each device runs its own copy
 
 
-def make_primitive(name: str, abstract, impl) -> Primitive:
-  """A multiple-result primitive lowered to the FFI target ``name`` on the CPU (int32
-  attribute ``flags``) and to ``impl`` (its math in JAX) elsewhere."""
+def make_primitive(name: str, abstract, impl, attrs: tuple[str, ...] = ("flags",)) -> Primitive:
+  """A multiple-result primitive lowered to the FFI target ``name`` on the CPU (the
+  parameters named in ``attrs`` become its int32 attributes) and to ``impl`` (its
+  math in JAX) elsewhere."""
   prim = Primitive(name)
   prim.multiple_results = True
   prim.def_abstract_eval(lambda *avals, **params: abstract(*avals, **params))
@@ -46,7 +47,7 @@ def make_primitive(name: str, abstract, impl) -> Primitive:
   def lower_cpu(ctx, *args, **params):
     if partitioned(ctx):
       return lower_xla(ctx, *args, **params)
-    return jax.ffi.ffi_lowering(name)(ctx, *args, flags=np.int32(params["flags"]))
+    return jax.ffi.ffi_lowering(name)(ctx, *args, **{a: np.int32(params[a]) for a in attrs})
 
   mlir.register_lowering(prim, lower_xla)
   mlir.register_lowering(prim, lower_cpu, platform="cpu")

@@ -1,8 +1,8 @@
 // Column sums for jaxnorm: the statistics of batch, group and instance norm with the
 // features minor (NHWC), in one pass over the data.
 //
-// The operands a and b are viewed as (S, M, L): sums run over the middle axis M, one
-// result per (s, l).  With shifts ka, kb of shape (S or 1, 1, L or 1):
+// The operands a and b (same shape) are viewed as (S, M, L): M the axes [begin, end),
+// S those before, L those after.  Sums run over M, one result per (s, l).  With shifts ka, kb of shape (S or 1, 1, L or 1):
 //
 //   s1[s, l] = sum_m (a[s, m, l] - ka[s, l])
 //   s2[s, l] = sum_m (a[s, m, l] - ka[s, l]) * (b[s, m, l] - kb[s, l])
@@ -150,15 +150,19 @@ void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int
 
 ffi::Error ColumnSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer ka,
                           ffi::AnyBuffer b, ffi::AnyBuffer kb, ffi::Result<ffi::AnyBuffer> s1,
-                          ffi::Result<ffi::AnyBuffer> s2, int32_t flags) {
+                          ffi::Result<ffi::AnyBuffer> s2, int32_t flags, int32_t begin,
+                          int32_t end) {
   auto d = a.dimensions();
-  if (d.size() != 3 || b.dimensions().size() != 3 || ka.dimensions().size() != 3 ||
-      kb.dimensions().size() != 3)
-    return ffi::Error::InvalidArgument("jaxnorm column sums: operands must have rank 3");
-  const int64_t S = d[0], M = d[1], L = d[2];
-  for (int i = 0; i < 3; ++i)
+  const int64_t rank = static_cast<int64_t>(d.size());
+  if (begin < 0 || begin >= end || end > rank || b.dimensions().size() != d.size() ||
+      ka.dimensions().size() != 3 || kb.dimensions().size() != 3)
+    return ffi::Error::InvalidArgument("jaxnorm column sums: bad operand ranks or axes");
+  int64_t S = 1, M = 1, L = 1;
+  for (int64_t i = 0; i < rank; ++i) {
     if (b.dimensions()[i] != d[i])
       return ffi::Error::InvalidArgument("jaxnorm column sums: a and b differ in shape");
+    (i < begin ? S : i < end ? M : L) *= d[i];
+  }
   if (ka.element_type() != ffi::DataType::F32 || kb.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("jaxnorm column sums: shifts must be float32");
   Shift sa(ka, S, L), sb(kb, S, L);
@@ -190,10 +194,12 @@ ffi::Error ColumnSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColumnSums, ColumnSumsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // a (S, M, L)
+                                  .Arg<ffi::AnyBuffer>()   // a: axes [begin, end) reduced
                                   .Arg<ffi::AnyBuffer>()   // ka (S|1, 1, L|1), f32
-                                  .Arg<ffi::AnyBuffer>()   // b (S, M, L)
+                                  .Arg<ffi::AnyBuffer>()   // b, a's shape
                                   .Arg<ffi::AnyBuffer>()   // kb (S|1, 1, L|1), f32
                                   .Ret<ffi::AnyBuffer>()   // s1 (S, 1, L), f32
                                   .Ret<ffi::AnyBuffer>()   // s2 (S, 1, L), f32
-                                  .Attr<int32_t>("flags"));
+                                  .Attr<int32_t>("flags")
+                                  .Attr<int32_t>("begin")
+                                  .Attr<int32_t>("end"));
