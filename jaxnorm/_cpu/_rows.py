@@ -29,13 +29,11 @@ kernels, higher orders differentiate the JAX implementation of the backward.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.interpreters import batching
 
