@@ -28,6 +28,8 @@ from ._prim import make_primitive, with_impl_jvp
 SAME = 1  # b is a and kb is ka: s2 = sum((a - ka)^2), a read once
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_COLUMNS = 8  # fewer columns: a row reduction, which XLA does well
+MIN_ROWS = 32    # fewer summed rows: little to gain, and the kernel's double-precision
+                 # block totals (16 bytes per column) would reach half the input's size
 
 
 def layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -42,7 +44,7 @@ def layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int
 def covers(x: Array, axes: tuple[int, ...], *others: Array) -> bool:
   """Whether sums over ``axes`` of ``x`` (and of ``others`` of its shape) fit the kernel."""
   lay = layout(x.shape, axes)
-  if lay is None or lay[1] == 0 or lay[2] < MIN_COLUMNS or lay[0] == 0:
+  if lay is None or lay[1] < MIN_ROWS or lay[2] < MIN_COLUMNS or lay[0] == 0:
     return False
   from ._rows import _explicitly_sharded
   return all(jnp.dtype(a.dtype) in _DTYPES and a.shape == x.shape
