@@ -298,6 +298,14 @@ def check_num_features(num_features: int, x_shape: Shape, feature_axes: tuple[in
   return fshape
 
 
+def check_ema_only(momentum: Any, debias: bool, *, fn: str) -> None:
+  """The batch-statistics modules other than BatchNorm keep a plain EMA state."""
+  if momentum is None or debias:
+    raise ValueError(f"{fn}: momentum=None and debias=True (the counted running-average "
+                     "conventions) are implemented for BatchNorm only; give this module a "
+                     "numeric momentum and debias=False.")
+
+
 def check_counted(stats: Any, momentum: Any, debias: bool, *, fn: str) -> None:
   """``momentum=None`` and ``debias=True`` need a state that counts its updates."""
   if not isinstance(debias, (bool, np.bool_)):

@@ -199,7 +199,7 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
     v = v if where is None else jnp.where(where, v, 0)  # before f: excluded inf/NaN
     return jnp.sum(f(v), axis=axes, keepdims=True)      # get no NaN gradient
 
-  if kernels and where is None and _column_kernel_covers(x, axes):
+  if kernels and where is None and column_kernel_covers(x, axes):
     from ._cpu import _cols
     s1, s2 = _cols.shifted_sums(x, shift if center else None, None, None, axes)
     s1 = s1 if center else None
@@ -223,11 +223,11 @@ def centered_moments(x: Array, axes: tuple[int, ...], *, where: Array | None = N
   return Centered(shift=shift, offset=offset, var=var, count=n)
 
 
-def _column_kernel_covers(x: Array, axes: tuple[int, ...]) -> bool:
-  if jnp.iscomplexobj(x):
-    return False
+def column_kernel_covers(x: Array, axes: tuple[int, ...], *others: Array) -> bool:
+  """Whether the CPU column-sum kernel covers sums of ``x`` (and ``others``, of its
+  shape) over ``axes`` (:func:`jaxnorm._cpu._cols.covers`; imported on first use)."""
   from ._cpu import _cols
-  return _cols.covers(x, tuple(axes))
+  return _cols.covers(x, tuple(axes), *others)
 
 
 def moments(x: Array, *, axis: Axes, where: Array | None = None,

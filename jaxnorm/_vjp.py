@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._stats import Centered, centered_moments, independent, stat_dtype
+from ._stats import Centered, centered_moments, column_kernel_covers, independent, stat_dtype
 from ._types import Array, AxisName, DType
 
 ENABLED = True
@@ -399,7 +399,7 @@ def _bwd(cfg, residuals, cts):
   # per channel for group norm, faster to reduce) and corrected by (kf - k - d) * t1.
   if any(kf.shape[a] != 1 for a in q):  # the finest shift must be constant along q
     kf = k
-  if q and cfg.kernels and where is None and _cols_cover(x, q, g):
+  if q and cfg.kernels and where is None and column_kernel_covers(x, q, g):
     from ._cpu import _cols  # both sums in one pass over g and x
     t1, t2 = _cols.shifted_sums(g, None, x, kf if cfg.center else None, q)
     if cfg.center:
@@ -483,11 +483,6 @@ def _bwd(cfg, residuals, cts):
   cts_in = (dx, dscale, dbias, None, d_rm, d_rv, d_eps)
   primals = (x, scale, bias, where, rm, rv, eps)
   return tuple(_match_vma(ct, p) for ct, p in zip(cts_in, primals))
-
-
-def _cols_cover(x, axes, g) -> bool:
-  from ._cpu import _cols
-  return _cols.covers(x, axes, g)
 
 
 def _vma(a) -> frozenset:

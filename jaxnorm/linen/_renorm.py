@@ -30,10 +30,7 @@ def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
   ``hyper`` holds the family's own arguments; ``v1`` among them (EvoNorm-B0) is
   created here as a parameter after ``scale`` and ``bias``.
   """
-  if mdl.momentum is None or mdl.debias:
-    raise ValueError(f"{fn}: momentum=None and debias=True (the counted running-average "
-                     "conventions) are implemented for BatchNorm only; give this module a "
-                     "numeric momentum and debias=False.")
+  _axes.check_ema_only(mdl.momentum, mdl.debias, fn=fn)
   use_running_average = _axes.check_training(
       nn.merge_param("use_running_average", mdl.use_running_average, use_running_average),
       fn=fn, name="use_running_average")

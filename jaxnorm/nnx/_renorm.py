@@ -31,10 +31,7 @@ _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 def _with_batch_stats(mdl: BatchNorm, x, use_running_average, mask, fn: str,
                       core: Callable, *extra_params, **hyper) -> jax.Array:
   """BatchNorm's call convention around ``core(x, stats, scale, bias, *extra_params, ...)``."""
-  if mdl.momentum is None or mdl.debias:
-    raise ValueError(f"{fn}: momentum=None and debias=True (the counted running-average "
-                     "conventions) are implemented for BatchNorm only; give this module a "
-                     "numeric momentum and debias=False.")
+  _axes.check_ema_only(mdl.momentum, mdl.debias, fn=fn)
   use_running_average = _axes.check_training(first_from(
       use_running_average, mdl.use_running_average,
       error_msg=(f"{fn}: no `use_running_average` was given. Pass it to the constructor "
