@@ -168,24 +168,17 @@ ffi::Error ColumnSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
   Shift sa(ka, S, L), sb(kb, S, L);
   float* o1 = static_cast<float*>(s1->untyped_data());
   float* o2 = static_cast<float*>(s2->untyped_data());
-#define JN_COLS(TA, TB)                                                                        \
-  column_sums<TA, TB>(pool, flags, static_cast<const TA*>(a.untyped_data()),                   \
-                      static_cast<const TB*>(b.untyped_data()), S, M, L, sa, sb, o1, o2)
-#define JN_COLS_B(TA)                                     \
-  switch (kind_of(b.element_type())) {                    \
-    case Kind::kF32: JN_COLS(TA, float); break;           \
-    case Kind::kBF16: JN_COLS(TA, bf16); break;           \
-    case Kind::kF16: JN_COLS(TA, f16); break;             \
-    default: return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype"); \
-  }
-  switch (kind_of(a.element_type())) {
-    case Kind::kF32: JN_COLS_B(float); break;
-    case Kind::kBF16: JN_COLS_B(bf16); break;
-    case Kind::kF16: JN_COLS_B(f16); break;
-    default: return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype");
-  }
-#undef JN_COLS_B
-#undef JN_COLS
+  bool b_ok = true;
+  const bool a_ok = with_float_type(a.element_type(), [&](auto ta) {
+    b_ok = with_float_type(b.element_type(), [&](auto tb) {
+      using TA = decltype(ta);
+      using TB = decltype(tb);
+      column_sums<TA, TB>(pool, flags, static_cast<const TA*>(a.untyped_data()),
+                          static_cast<const TB*>(b.untyped_data()), S, M, L, sa, sb, o1, o2);
+    });
+  });
+  if (!a_ok || !b_ok)
+    return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype");
   return ffi::Error::Success();
 }
 

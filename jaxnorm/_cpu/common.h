@@ -82,6 +82,18 @@ inline Kind kind_of(ffi::DataType t) {
   }
 }
 
+// Calls f(T{}) with T the element type of a float32, bfloat16 or float16 buffer (the
+// kernels are templates over it); false for any other dtype.
+template <class F>
+inline bool with_float_type(ffi::DataType t, F&& f) {
+  switch (kind_of(t)) {
+    case Kind::kF32: f(float{}); return true;
+    case Kind::kBF16: f(bf16{}); return true;
+    case Kind::kF16: f(f16{}); return true;
+    default: return false;
+  }
+}
+
 // ------------------------------------------------------------------- broadcasting
 
 // Maps a row of x (flat index over x's leading axes) to a row of an operand of the

@@ -303,26 +303,18 @@ ffi::Error RowsFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer sc
   const float* e = static_cast<const float*>(eps.untyped_data());
   float* o[4] = {static_cast<float*>(km->untyped_data()), static_cast<float*>(kd->untyped_data()),
                  static_cast<float*>(kv->untyped_data()), static_cast<float*>(kr->untyped_data())};
-  const Kind kx = kind_of(x.element_type()), ky = kind_of(y->element_type());
-#define JN_FWD(TX, TY)                                                                     \
-  rows_fwd<TX, TY>(pool, flags, static_cast<const TX*>(x.untyped_data()),                  \
-                   static_cast<TY*>(y->untyped_data()), R, C, s, smap, b, bmap, m, mmap, e, \
-                   emap, o[0], o[1], o[2], o[3])
-#define JN_FWD_Y(TX)                                      \
-  switch (ky) {                                           \
-    case Kind::kF32: JN_FWD(TX, float); break;            \
-    case Kind::kBF16: JN_FWD(TX, bf16); break;            \
-    case Kind::kF16: JN_FWD(TX, f16); break;              \
-    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported output dtype"); \
-  }
-  switch (kx) {
-    case Kind::kF32: JN_FWD_Y(float); break;
-    case Kind::kBF16: JN_FWD_Y(bf16); break;
-    case Kind::kF16: JN_FWD_Y(f16); break;
-    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
-  }
-#undef JN_FWD_Y
-#undef JN_FWD
+  bool y_ok = true;
+  const bool x_ok = with_float_type(x.element_type(), [&](auto tx) {
+    y_ok = with_float_type(y->element_type(), [&](auto ty) {
+      using TX = decltype(tx);
+      using TY = decltype(ty);
+      rows_fwd<TX, TY>(pool, flags, static_cast<const TX*>(x.untyped_data()),
+                       static_cast<TY*>(y->untyped_data()), R, C, s, smap, b, bmap, m, mmap, e,
+                       emap, o[0], o[1], o[2], o[3]);
+    });
+  });
+  if (!x_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
+  if (!y_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported output dtype");
   return ffi::Error::Success();
 }
 
@@ -364,26 +356,19 @@ ffi::Error RowsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
   float* pb = static_cast<float*>(pbias->untyped_data());
   if (kind_of(dx->element_type()) != kind_of(x.element_type()))
     return ffi::Error::InvalidArgument("jaxnorm kernel: dx must have x's dtype");
-#define JN_BWD(TX, TG)                                                                       \
-  rows_bwd<TX, TG>(pool, flags, static_cast<const TX*>(x.untyped_data()),                    \
-                   static_cast<const TG*>(g.untyped_data()), static_cast<TX*>(dx->untyped_data()), \
-                   R, C, s, smap, m, mmap, k, d, r, statmap, cd, ctdmap, cv, ctvmap, a2p, ps, pb, \
-                   groups, nb)
-#define JN_BWD_G(TX)                                     \
-  switch (kind_of(g.element_type())) {                   \
-    case Kind::kF32: JN_BWD(TX, float); break;           \
-    case Kind::kBF16: JN_BWD(TX, bf16); break;           \
-    case Kind::kF16: JN_BWD(TX, f16); break;             \
-    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported cotangent dtype"); \
-  }
-  switch (kind_of(x.element_type())) {
-    case Kind::kF32: JN_BWD_G(float); break;
-    case Kind::kBF16: JN_BWD_G(bf16); break;
-    case Kind::kF16: JN_BWD_G(f16); break;
-    default: return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
-  }
-#undef JN_BWD_G
-#undef JN_BWD
+  bool g_ok = true;
+  const bool x_ok = with_float_type(x.element_type(), [&](auto tx) {
+    g_ok = with_float_type(g.element_type(), [&](auto tg) {
+      using TX = decltype(tx);
+      using TG = decltype(tg);
+      rows_bwd<TX, TG>(pool, flags, static_cast<const TX*>(x.untyped_data()),
+                       static_cast<const TG*>(g.untyped_data()),
+                       static_cast<TX*>(dx->untyped_data()), R, C, s, smap, m, mmap, k, d, r,
+                       statmap, cd, ctdmap, cv, ctvmap, a2p, ps, pb, groups, nb);
+    });
+  });
+  if (!x_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
+  if (!g_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported cotangent dtype");
   return ffi::Error::Success();
 }
 
