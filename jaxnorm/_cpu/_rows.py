@@ -13,7 +13,11 @@ jaxnorm's shifted form (shift ``m``, offset ``d``).  The backward kernel gives
 ``dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n`` with
 ``xc = (x - m) - d``, ``gs = g * scale``, ``a1 = sum(gs)``, ``a2 = sum(gs * xc)``
 (the formula of :mod:`jaxnorm._vjp`), plus partial sums of ``g * xc * rstd`` and
-``g`` over fixed blocks of rows, which XLA adds up into ``dscale``/``dbias``.
+``g`` over fixed blocks of rows, which XLA adds up into ``dscale``/``dbias``.  It
+recomputes each row's statistics from ``x`` with the forward's code (bit for bit
+the same; the row is in cache), so the only residuals are the inputs, and when
+only gradients are used (``y`` and the statistics are dead) XLA removes the forward
+call: forward+backward is then one read of ``x`` and ``g`` and one write of ``dx``.
 
 Transforms.  The kernels are two primitives with their own batching rule (``vmap``
 adds a leading axis to every operand and stays one kernel call; parameters that are
@@ -110,28 +114,34 @@ def _partial_shape(x_shape, p, nb, present):
   return tuple(x_shape[:p]) + (nb, x_shape[-1] if present else 0)
 
 
-def _bwd_abstract(x, g, scale, mask, k, d, rstd, ctd, ctv, *, flags, p, nb):
+def _bwd_abstract(x, g, scale, mask, eps, ctd, ctv, *, flags, p, nb):
   row = jax.core.ShapedArray(_row_shape(x.shape), jnp.float32)
   ps = jax.core.ShapedArray(_partial_shape(x.shape, p, nb, flags & SCALE), jnp.float32)
   pb = jax.core.ShapedArray(_partial_shape(x.shape, p, nb, flags & BIAS), jnp.float32)
   return (jax.core.ShapedArray(x.shape, x.dtype), row, ps, pb)
 
 
-def _fwd_impl(x, scale, bias, mask, eps, *, flags, out_dtype):
-  """The forward kernel's math as JAX operations (partitioned/other platforms, JVP)."""
-  xf = x.astype(jnp.float32)
-  n = x.shape[-1]
+def _stats_impl(xf, mask, eps, flags):
+  """Per-row ``m, d, v, rstd`` as JAX operations (zero on masked-out rows)."""
+  n = xf.shape[-1]
   if flags & CENTER:
     m = jnp.sum(xf, axis=-1, keepdims=True) / n
     xc = xf - m
     d = jnp.sum(xc, axis=-1, keepdims=True) / n
     v = jnp.maximum(jnp.sum(xc * xc, axis=-1, keepdims=True) / n - d * d, 0)
   else:
-    m = d = jnp.zeros(_row_shape(x.shape), jnp.float32)
+    m = d = jnp.zeros(_row_shape(xf.shape), jnp.float32)
     v = jnp.sum(xf * xf, axis=-1, keepdims=True) / n
   rstd = lax.rsqrt(v + eps)
   if flags & MASK:
     m, d, v, rstd = (jnp.where(mask, a, 0) for a in (m, d, v, rstd))
+  return m, d, v, rstd
+
+
+def _fwd_impl(x, scale, bias, mask, eps, *, flags, out_dtype):
+  """The forward kernel's math as JAX operations (partitioned/other platforms, JVP)."""
+  xf = x.astype(jnp.float32)
+  m, d, v, rstd = _stats_impl(xf, mask, eps, flags)
   a = rstd * scale if flags & SCALE else rstd
   y = ((xf - m) - d) * a
   if flags & BIAS:
@@ -139,10 +149,12 @@ def _fwd_impl(x, scale, bias, mask, eps, *, flags, out_dtype):
   return (y.astype(out_dtype), m, d, v, rstd)
 
 
-def _bwd_impl(x, g, scale, mask, k, d, rstd, ctd, ctv, *, flags, p, nb):
-  """The backward kernel's math as JAX operations; partial sums all in block 0."""
+def _bwd_impl(x, g, scale, mask, eps, ctd, ctv, *, flags, p, nb):
+  """The backward kernel's math as JAX operations (the statistics recomputed from
+  ``x``); partial sums all in block 0."""
   xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
   n = x.shape[-1]
+  k, d, _, rstd = _stats_impl(xf, mask, eps, flags)
   xc = (xf - k) - d if flags & CENTER else xf
   gs = gf * scale if flags & SCALE else gf
   a1 = jnp.sum(gs, axis=-1, keepdims=True)
@@ -165,7 +177,7 @@ def _bwd_impl(x, g, scale, mask, k, d, rstd, ctd, ctv, *, flags, p, nb):
 
   ps = partial(gf * (xc * rstd), flags & SCALE)
   pb = partial(gf, flags & BIAS)
-  return (dx.astype(x.dtype), a2, ps, pb)
+  return (dx.astype(x.dtype), -0.5 * (rstd * rstd * rstd) * a2, ps, pb)
 
 
 def _batch_rule(prim, n_full):
@@ -233,18 +245,18 @@ def _primal(cfg, x, scale, bias, mask, eps):
 
 
 def _fwd(cfg, x, scale, bias, mask, eps):
-  s, b = _params_f32(cfg, scale, bias)
-  y, k, d, v, rstd = _fwd_call((("flags", cfg.flags), ("out_dtype", cfg.out_dtype)), x, s, b,
-                               mask, eps)
-  return (y, k, d, v), (x, s, mask, k, d, rstd)
+  # Only the inputs are kept: the backward kernel recomputes the row statistics, so
+  # when only gradients are wanted XLA drops the forward call altogether.
+  s, _ = _params_f32(cfg, scale, bias)
+  return _primal(cfg, x, scale, bias, mask, eps), (x, s, mask, eps)
 
 
 def _bwd(cfg, res, cts):
-  x, s, mask, k, d, rstd = res
+  x, s, mask, eps = res
   g, _, ct_d, ct_v = cts  # the shift is a constant (stop_gradient)
   params = (("flags", cfg.flags), ("p", cfg.p), ("nb", cfg.nb))
-  dx, a2, ps, pb = _bwd_call(params, x, g, s, mask, k, d, rstd, ct_d.astype(jnp.float32),
-                             ct_v.astype(jnp.float32))
+  dx, deps, ps, pb = _bwd_call(params, x, g, s, mask, eps, ct_d.astype(jnp.float32),
+                               ct_v.astype(jnp.float32))
   nd = len(cfg.x_shape)
 
   def param_grad(partial, shape, dtype):
@@ -258,7 +270,7 @@ def _bwd(cfg, res, cts):
 
   dscale = param_grad(ps, cfg.scale_shape, cfg.scale_dtype)
   dbias = param_grad(pb, cfg.bias_shape, cfg.bias_dtype)
-  d_eps = jnp.sum(-0.5 * (rstd * rstd * rstd) * a2).reshape((1,) * nd)
+  d_eps = jnp.sum(deps).reshape((1,) * nd)
   return dx, dscale, dbias, None, d_eps
 
 

@@ -8,10 +8,14 @@
 //   forward   per row: m = sum(x) / n; d = sum(x - m) / n; v = sum((x - m)^2) / n - d^2
 //             (the second pass reads the row from L1), rstd = 1 / sqrt(v + eps),
 //             y = ((x - m) - d) * (rstd * scale) + bias.  Returns m, d, v, rstd per row.
-//   backward  per row, with xc = (x - m) - d (or x without centring), gs = g * scale:
+//   backward  per row, the statistics recomputed from x by the forward's code (the row
+//             is in L1, so this costs no memory traffic, and the forward's outputs can
+//             be dropped by XLA when only the gradient is used); with
+//             xc = (x - m) - d (or x without centring), gs = g * scale:
 //             a1 = sum(gs), a2 = sum(gs * xc),
 //             dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n,
-//             and per block of rows the partial sums of g * xc * rstd (dscale) and g (dbias).
+//             -rstd^3 a2 / 2 (the row's share of the epsilon gradient), and per block
+//             of rows the partial sums of g * xc * rstd (dscale) and g (dbias).
 //
 // Threads: XLA's intra-op pool (xla::ffi::ThreadPool).  Work is split into a fixed
 // set of row blocks that depends only on the shapes; each block is computed by one
@@ -145,6 +149,33 @@ enum Flags { kCenter = 1, kScale = 2, kBias = 4, kMask = 8 };
 
 constexpr int64_t kRowsPerTask = 1 << 14;  // elements per forward task, in rows of C
 
+// ---------------------------------------------------------------- row statistics
+
+struct RowStats {
+  float m = 0, d = 0, v = 0, rstd = 0;  // shift, offset, variance, 1 / sqrt(v + eps)
+};
+
+// The statistics of one row (C > 0): m = sum(x) / n, then with the row in L1
+// d = sum(x - m) / n and v = sum((x - m)^2) / n - d^2 (or v = sum(x^2) / n without
+// centring).  The backward recomputes them with this same code, so they are the
+// forward's bit for bit and nothing but x has to be kept for the backward.
+inline RowStats row_stats(const float* xr, int64_t C, bool center, float eps) {
+  RowStats st;
+  const float n = static_cast<float>(C);
+  if (center) {
+    st.m = row_sum(xr, C) / n;
+    float s1, s2;
+    row_centred_sums(xr, C, st.m, &s1, &s2);
+    st.d = s1 / n;
+    st.v = s2 / n - st.d * st.d;
+    st.v = st.v < 0 ? 0.f : st.v;  // NaN stays NaN
+  } else {
+    st.v = row_sum_sq(xr, C) / n;
+  }
+  st.rstd = 1.f / std::sqrt(st.v + eps);
+  return st;
+}
+
 // ------------------------------------------------------------------------ forward
 
 template <class TX, class TY>
@@ -161,21 +192,8 @@ void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, i
     for (int64_t r = t * per; r < r1; ++r) {
       const float* xr = as_f32(x + r * C, C, buf);
       const bool in = !(flags & kMask) || mask[mmap(r)];
-      float m = 0, d = 0, v = 0, rstd = 0;
-      if (in && C > 0) {
-        const float n = static_cast<float>(C);
-        if (center) {
-          m = row_sum(xr, C) / n;
-          float s1, s2;
-          row_centred_sums(xr, C, m, &s1, &s2);
-          d = s1 / n;
-          v = s2 / n - d * d;
-          v = v < 0 ? 0.f : v;  // NaN stays NaN
-        } else {
-          v = row_sum_sq(xr, C) / n;
-        }
-        rstd = 1.f / std::sqrt(v + eps[emap(r)]);
-      }
+      const RowStats st = in && C > 0 ? row_stats(xr, C, center, eps[emap(r)]) : RowStats();
+      const float m = st.m, d = st.d, v = st.v, rstd = st.rstd;
       km[r] = m;
       kd[r] = d;
       kv[r] = v;
@@ -201,10 +219,9 @@ void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, i
 template <class TX, class TG>
 void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx, int64_t R,
               int64_t C, const float* scale, const RowMap& smap, const bool* mask,
-              const RowMap& mmap, const float* km, const float* kd, const float* kr,
-              const RowMap& statmap, const float* ctd, const RowMap& ctdmap, const float* ctv,
-              const RowMap& ctvmap, float* a2out, float* pscale, float* pbias, int64_t groups,
-              int64_t nb) {
+              const RowMap& mmap, const float* eps, const RowMap& emap, const float* ctd,
+              const RowMap& ctdmap, const float* ctv, const RowMap& ctvmap, float* deps,
+              float* pscale, float* pbias, int64_t groups, int64_t nb) {
   const bool center = flags & kCenter;
   const bool want_partials = (flags & (kScale | kBias)) && nb > 0;
   const int64_t rg = groups > 0 ? R / groups : 0;  // rows per parameter group
@@ -235,20 +252,20 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
       const float* xr = as_f32(x + r * C, C, xbuf);
       const float* gr = as_f32(g + r * C, C, gbuf);
       const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
-      const int64_t si = statmap(r);
-      const float m = center ? km[si] : 0.f, d = center ? kd[si] : 0.f, rstd = kr[si];
       const bool in = !(flags & kMask) || mask[mmap(r)];
       TX* dxr = dx + r * C;
       if (pb)
         for (int64_t i = 0; i < C; ++i) pb[i] += gr[i];
       if (!in || C == 0) {  // no statistics: y = bias, zero gradient to x
         for (int64_t i = 0; i < C; ++i) dxr[i] = from_f32<TX>(0.f);
-        a2out[r] = 0.f;
+        deps[r] = 0.f;
         continue;
       }
+      const RowStats st = row_stats(xr, C, center, eps[emap(r)]);
+      const float m = st.m, d = st.d, rstd = st.rstd;
       float a1, a2;
       row_grad_sums(xr, gr, s, C, m, d, &a1, &a2);
-      a2out[r] = a2;
+      deps[r] = -0.5f * (rstd * rstd * rstd) * a2;  // this row's share of d(loss)/d(eps)
       // dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n:
       // gs - a1 / n first, so the cancellation happens before the scaling by rstd.
       const float inv_n = 1.f / static_cast<float>(C);
@@ -319,18 +336,17 @@ ffi::Error RowsFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer sc
 }
 
 ffi::Error RowsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
-                       ffi::AnyBuffer scale, ffi::AnyBuffer mask, ffi::AnyBuffer km,
-                       ffi::AnyBuffer kd, ffi::AnyBuffer kr, ffi::AnyBuffer ctd,
-                       ffi::AnyBuffer ctv, ffi::Result<ffi::AnyBuffer> dx,
-                       ffi::Result<ffi::AnyBuffer> a2, ffi::Result<ffi::AnyBuffer> pscale,
+                       ffi::AnyBuffer scale, ffi::AnyBuffer mask, ffi::AnyBuffer eps,
+                       ffi::AnyBuffer ctd, ffi::AnyBuffer ctv, ffi::Result<ffi::AnyBuffer> dx,
+                       ffi::Result<ffi::AnyBuffer> deps, ffi::Result<ffi::AnyBuffer> pscale,
                        ffi::Result<ffi::AnyBuffer> pbias, int32_t flags) {
   auto dims = x.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxnorm kernel: x must have rank >= 1");
   const int64_t C = dims[dims.size() - 1];
   const auto lead = leading(dims);
   const int64_t R = product(lead);
-  for (auto* b : {&scale, &km, &kd, &kr, &ctd, &ctv})
-    if (auto e = check_f32(*b, "scale/statistics/cotangents"); e.failure()) return e;
+  for (auto* b : {&scale, &eps, &ctd, &ctv})
+    if (auto e = check_f32(*b, "scale/epsilon/cotangents"); e.failure()) return e;
   if (mask.element_type() != ffi::DataType::PRED)
     return ffi::Error::InvalidArgument("jaxnorm kernel: mask must be bool");
   // Partials: (groups..., nb, C) -- one row of C per block of rows of each group.
@@ -342,16 +358,14 @@ ffi::Error RowsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
   if (groups > 0 && R % groups != 0)
     return ffi::Error::InvalidArgument("jaxnorm kernel: partial groups do not divide the rows");
   RowMap smap(lead, scale.dimensions()), mmap(lead, mask.dimensions()),
-      statmap(lead, km.dimensions()), ctdmap(lead, ctd.dimensions()),
+      emap(lead, eps.dimensions()), ctdmap(lead, ctd.dimensions()),
       ctvmap(lead, ctv.dimensions());
   const float* s = static_cast<const float*>(scale.untyped_data());
   const bool* m = static_cast<const bool*>(mask.untyped_data());
-  const float* k = static_cast<const float*>(km.untyped_data());
-  const float* d = static_cast<const float*>(kd.untyped_data());
-  const float* r = static_cast<const float*>(kr.untyped_data());
+  const float* e = static_cast<const float*>(eps.untyped_data());
   const float* cd = static_cast<const float*>(ctd.untyped_data());
   const float* cv = static_cast<const float*>(ctv.untyped_data());
-  float* a2p = static_cast<float*>(a2->untyped_data());
+  float* dep = static_cast<float*>(deps->untyped_data());
   float* ps = static_cast<float*>(pscale->untyped_data());
   float* pb = static_cast<float*>(pbias->untyped_data());
   if (kind_of(dx->element_type()) != kind_of(x.element_type()))
@@ -363,8 +377,8 @@ ffi::Error RowsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
       using TG = decltype(tg);
       rows_bwd<TX, TG>(pool, flags, static_cast<const TX*>(x.untyped_data()),
                        static_cast<const TG*>(g.untyped_data()),
-                       static_cast<TX*>(dx->untyped_data()), R, C, s, smap, m, mmap, k, d, r,
-                       statmap, cd, ctdmap, cv, ctvmap, a2p, ps, pb, groups, nb);
+                       static_cast<TX*>(dx->untyped_data()), R, C, s, smap, m, mmap, e, emap, cd,
+                       ctdmap, cv, ctvmap, dep, ps, pb, groups, nb);
     });
   });
   if (!x_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
@@ -409,13 +423,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowsBwd, RowsBwdImpl,
                                   .Arg<ffi::AnyBuffer>()   // g
                                   .Arg<ffi::AnyBuffer>()   // scale
                                   .Arg<ffi::AnyBuffer>()   // mask
-                                  .Arg<ffi::AnyBuffer>()   // mean
-                                  .Arg<ffi::AnyBuffer>()   // offset
-                                  .Arg<ffi::AnyBuffer>()   // rstd
+                                  .Arg<ffi::AnyBuffer>()   // epsilon (f32, per row)
                                   .Arg<ffi::AnyBuffer>()   // ct of offset
                                   .Arg<ffi::AnyBuffer>()   // ct of var
                                   .Ret<ffi::AnyBuffer>()   // dx
-                                  .Ret<ffi::AnyBuffer>()   // a2 per row
+                                  .Ret<ffi::AnyBuffer>()   // d(loss)/d(eps) per row
                                   .Ret<ffi::AnyBuffer>()   // dscale partials
                                   .Ret<ffi::AnyBuffer>()   // dbias partials
                                   .Attr<int32_t>("flags"));
