@@ -14,6 +14,7 @@ Skipped when the kernels cannot be built here (no compiler).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -252,6 +253,31 @@ def test_vmap_is_one_kernel_call():
   with jn.no_kernels():
     gs_xla = jax.grad(lambda s0: jnp.sum(jax.vmap(lambda x: f(x, s0))(x) ** 2))(s[0])
   np.testing.assert_allclose(gs, gs_xla, atol=1e-4)
+
+
+def test_gradient_only_drops_the_forward_call():
+  """The backward recomputes the row statistics from x, so when only gradients are
+  used XLA removes the forward kernel (one read of x and g, one write of dx); when the
+  output is used both run.  Gradients (epsilon's too) equal the XLA path's."""
+  x, s, b, w = data((6, 40), loc=2.0), data((40,), seed=1), data((40,), seed=2), data((6, 40), seed=3)
+  targets = lambda f: re.findall(r'custom_call_target="(jaxnorm_rows_\w+)"',
+                                 f.lower(x, s, b).compile().as_text())
+  only_grad = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b) * w),
+                               argnums=(0, 1, 2)))
+  both = jax.jit(jax.value_and_grad(lambda x, s, b: jnp.sum(jnp.tanh(jn.layer_norm(x, s, b))),
+                                    argnums=(0, 1, 2)))
+  assert targets(only_grad) == ["jaxnorm_rows_bwd"]
+  assert sorted(targets(both)) == ["jaxnorm_rows_bwd", "jaxnorm_rows_fwd"]
+
+  def loss(x, s, b, eps):
+    y, _, _ = _vjp.standardize(x, (1,), s[None], b[None], epsilon=eps)
+    return jnp.sum(jnp.tanh(y) * w)
+
+  g = jax.grad(loss, argnums=(0, 1, 2, 3))(x, s, b, 1e-2)
+  with jn.no_kernels():
+    g_xla = jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3))(x, s, b, 1e-2)
+  for a, e in zip(g, g_xla):
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5)
 
 
 def test_switches_select_the_xla_path():
