@@ -259,7 +259,8 @@ def test_gradient_only_drops_the_forward_call():
   """The backward recomputes the row statistics from x, so when only gradients are
   used XLA removes the forward kernel (one read of x and g, one write of dx); when the
   output is used both run.  Gradients (epsilon's too) equal the XLA path's."""
-  x, s, b, w = data((6, 40), loc=2.0), data((40,), seed=1), data((40,), seed=2), data((6, 40), seed=3)
+  x, s, b = data((6, 40), loc=2.0), data((40,), seed=1), data((40,), seed=2)
+  w = data((6, 40), seed=3)
   targets = lambda f: re.findall(r'custom_call_target="(jaxnorm_rows_\w+)"',
                                  f.lower(x, s, b).compile().as_text())
   only_grad = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b) * w),
