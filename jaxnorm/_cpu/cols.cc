@@ -168,17 +168,13 @@ ffi::Error ColumnSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
   Shift sa(ka, S, L), sb(kb, S, L);
   float* o1 = static_cast<float*>(s1->untyped_data());
   float* o2 = static_cast<float*>(s2->untyped_data());
-  bool b_ok = true;
-  const bool a_ok = with_float_type(a.element_type(), [&](auto ta) {
-    b_ok = with_float_type(b.element_type(), [&](auto tb) {
-      using TA = decltype(ta);
-      using TB = decltype(tb);
-      column_sums<TA, TB>(pool, flags, static_cast<const TA*>(a.untyped_data()),
-                          static_cast<const TB*>(b.untyped_data()), S, M, L, sa, sb, o1, o2);
-    });
+  const int bad = with_float_types(a.element_type(), b.element_type(), [&](auto ta, auto tb) {
+    using TA = decltype(ta);
+    using TB = decltype(tb);
+    column_sums<TA, TB>(pool, flags, static_cast<const TA*>(a.untyped_data()),
+                        static_cast<const TB*>(b.untyped_data()), S, M, L, sa, sb, o1, o2);
   });
-  if (!a_ok || !b_ok)
-    return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype");
+  if (bad) return ffi::Error::InvalidArgument("jaxnorm column sums: unsupported dtype");
   return ffi::Error::Success();
 }
 

@@ -94,6 +94,19 @@ inline bool with_float_type(ffi::DataType t, F&& f) {
   }
 }
 
+// Calls f(T1{}, T2{}) with the element types of two float buffers (kernels templated
+// over an input and an output or second input type).  Returns 0 on success, 1 if the
+// first dtype is not float32/bfloat16/float16, 2 if the second is not.
+template <class F>
+inline int with_float_types(ffi::DataType t1, ffi::DataType t2, F&& f) {
+  int bad = 0;
+  if (!with_float_type(t1, [&](auto a) {
+        if (!with_float_type(t2, [&](auto b) { f(a, b); })) bad = 2;
+      }))
+    bad = 1;
+  return bad;
+}
+
 // ------------------------------------------------------------------- broadcasting
 
 // Maps a row of x (flat index over x's leading axes) to a row of an operand of the

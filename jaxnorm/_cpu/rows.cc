@@ -320,18 +320,15 @@ ffi::Error RowsFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer sc
   const float* e = static_cast<const float*>(eps.untyped_data());
   float* o[4] = {static_cast<float*>(km->untyped_data()), static_cast<float*>(kd->untyped_data()),
                  static_cast<float*>(kv->untyped_data()), static_cast<float*>(kr->untyped_data())};
-  bool y_ok = true;
-  const bool x_ok = with_float_type(x.element_type(), [&](auto tx) {
-    y_ok = with_float_type(y->element_type(), [&](auto ty) {
-      using TX = decltype(tx);
-      using TY = decltype(ty);
-      rows_fwd<TX, TY>(pool, flags, static_cast<const TX*>(x.untyped_data()),
-                       static_cast<TY*>(y->untyped_data()), R, C, s, smap, b, bmap, m, mmap, e,
-                       emap, o[0], o[1], o[2], o[3]);
-    });
+  const int bad = with_float_types(x.element_type(), y->element_type(), [&](auto tx, auto ty) {
+    using TX = decltype(tx);
+    using TY = decltype(ty);
+    rows_fwd<TX, TY>(pool, flags, static_cast<const TX*>(x.untyped_data()),
+                     static_cast<TY*>(y->untyped_data()), R, C, s, smap, b, bmap, m, mmap, e,
+                     emap, o[0], o[1], o[2], o[3]);
   });
-  if (!x_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
-  if (!y_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported output dtype");
+  if (bad == 1) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
+  if (bad == 2) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported output dtype");
   return ffi::Error::Success();
 }
 
@@ -370,19 +367,16 @@ ffi::Error RowsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
   float* pb = static_cast<float*>(pbias->untyped_data());
   if (kind_of(dx->element_type()) != kind_of(x.element_type()))
     return ffi::Error::InvalidArgument("jaxnorm kernel: dx must have x's dtype");
-  bool g_ok = true;
-  const bool x_ok = with_float_type(x.element_type(), [&](auto tx) {
-    g_ok = with_float_type(g.element_type(), [&](auto tg) {
-      using TX = decltype(tx);
-      using TG = decltype(tg);
-      rows_bwd<TX, TG>(pool, flags, static_cast<const TX*>(x.untyped_data()),
-                       static_cast<const TG*>(g.untyped_data()),
-                       static_cast<TX*>(dx->untyped_data()), R, C, s, smap, m, mmap, e, emap, cd,
-                       ctdmap, cv, ctvmap, dep, ps, pb, groups, nb);
-    });
+  const int bad = with_float_types(x.element_type(), g.element_type(), [&](auto tx, auto tg) {
+    using TX = decltype(tx);
+    using TG = decltype(tg);
+    rows_bwd<TX, TG>(pool, flags, static_cast<const TX*>(x.untyped_data()),
+                     static_cast<const TG*>(g.untyped_data()),
+                     static_cast<TX*>(dx->untyped_data()), R, C, s, smap, m, mmap, e, emap, cd,
+                     ctdmap, cv, ctvmap, dep, ps, pb, groups, nb);
   });
-  if (!x_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
-  if (!g_ok) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported cotangent dtype");
+  if (bad == 1) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
+  if (bad == 2) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported cotangent dtype");
   return ffi::Error::Success();
 }
 
