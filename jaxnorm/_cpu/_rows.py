@@ -107,7 +107,7 @@ def _row_shape(x_shape):
 
 def _fwd_abstract(x, scale, bias, mask, eps, *, flags, out_dtype):
   row = jax.core.ShapedArray(_row_shape(x.shape), jnp.float32)
-  return (jax.core.ShapedArray(x.shape, out_dtype), row, row, row, row)
+  return (jax.core.ShapedArray(x.shape, out_dtype), row, row, row)
 
 
 def _partial_shape(x_shape, p, nb, present):
@@ -146,7 +146,7 @@ def _fwd_impl(x, scale, bias, mask, eps, *, flags, out_dtype):
   y = ((xf - m) - d) * a
   if flags & BIAS:
     y = y + bias
-  return (y.astype(out_dtype), m, d, v, rstd)
+  return (y.astype(out_dtype), m, d, v)
 
 
 def _bwd_impl(x, g, scale, mask, eps, ctd, ctv, *, flags, p, nb):
@@ -238,17 +238,15 @@ def _params_f32(cfg, scale, bias):
 
 
 def _primal(cfg, x, scale, bias, mask, eps):
-  s, b = _params_f32(cfg, scale, bias)
-  y, k, d, v, _ = _fwd_call((("flags", cfg.flags), ("out_dtype", cfg.out_dtype)), x, s, b, mask,
-                            eps)
-  return y, k, d, v
+  return _fwd(cfg, x, scale, bias, mask, eps)[0]
 
 
 def _fwd(cfg, x, scale, bias, mask, eps):
   # Only the inputs are kept: the backward kernel recomputes the row statistics, so
   # when only gradients are wanted XLA drops the forward call altogether.
-  s, _ = _params_f32(cfg, scale, bias)
-  return _primal(cfg, x, scale, bias, mask, eps), (x, s, mask, eps)
+  s, b = _params_f32(cfg, scale, bias)
+  out = _fwd_call((("flags", cfg.flags), ("out_dtype", cfg.out_dtype)), x, s, b, mask, eps)
+  return out, (x, s, mask, eps)
 
 
 def _bwd(cfg, res, cts):

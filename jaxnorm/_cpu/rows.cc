@@ -7,7 +7,7 @@
 //
 //   forward   per row: m = sum(x) / n; d = sum(x - m) / n; v = sum((x - m)^2) / n - d^2
 //             (the second pass reads the row from L1), rstd = 1 / sqrt(v + eps),
-//             y = ((x - m) - d) * (rstd * scale) + bias.  Returns m, d, v, rstd per row.
+//             y = ((x - m) - d) * (rstd * scale) + bias.  Returns m, d, v per row.
 //   backward  per row, the statistics recomputed from x by the forward's code (the row
 //             is in L1, so this costs no memory traffic, and the forward's outputs can
 //             be dropped by XLA when only the gradient is used); with
@@ -182,7 +182,7 @@ template <class TX, class TY>
 void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, int64_t C,
               const float* scale, const RowMap& smap, const float* bias, const RowMap& bmap,
               const bool* mask, const RowMap& mmap, const float* eps, const RowMap& emap,
-              float* km, float* kd, float* kv, float* kr) {
+              float* km, float* kd, float* kv) {
   const bool center = flags & kCenter;
   const int64_t per = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(C, 1));
   const int64_t ntasks = (R + per - 1) / per;
@@ -193,11 +193,10 @@ void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, i
       const float* xr = as_f32(x + r * C, C, buf);
       const bool in = !(flags & kMask) || mask[mmap(r)];
       const RowStats st = in && C > 0 ? row_stats(xr, C, center, eps[emap(r)]) : RowStats();
-      const float m = st.m, d = st.d, v = st.v, rstd = st.rstd;
+      const float m = st.m, d = st.d, rstd = st.rstd;
       km[r] = m;
       kd[r] = d;
-      kv[r] = v;
-      kr[r] = rstd;
+      kv[r] = st.v;
       const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
       const float* b = (flags & kBias) ? bias + bmap(r) * C : nullptr;
       TY* yr = y + r * C;
@@ -302,7 +301,7 @@ ffi::Error RowsFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer sc
                        ffi::AnyBuffer bias, ffi::AnyBuffer mask, ffi::AnyBuffer eps,
                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> km,
                        ffi::Result<ffi::AnyBuffer> kd, ffi::Result<ffi::AnyBuffer> kv,
-                       ffi::Result<ffi::AnyBuffer> kr, int32_t flags) {
+                       int32_t flags) {
   auto dims = x.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("jaxnorm kernel: x must have rank >= 1");
   const int64_t C = dims[dims.size() - 1];
@@ -318,14 +317,14 @@ ffi::Error RowsFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer sc
   const float* b = static_cast<const float*>(bias.untyped_data());
   const bool* m = static_cast<const bool*>(mask.untyped_data());
   const float* e = static_cast<const float*>(eps.untyped_data());
-  float* o[4] = {static_cast<float*>(km->untyped_data()), static_cast<float*>(kd->untyped_data()),
-                 static_cast<float*>(kv->untyped_data()), static_cast<float*>(kr->untyped_data())};
+  float* o[3] = {static_cast<float*>(km->untyped_data()), static_cast<float*>(kd->untyped_data()),
+                 static_cast<float*>(kv->untyped_data())};
   const int bad = with_float_types(x.element_type(), y->element_type(), [&](auto tx, auto ty) {
     using TX = decltype(tx);
     using TY = decltype(ty);
     rows_fwd<TX, TY>(pool, flags, static_cast<const TX*>(x.untyped_data()),
                      static_cast<TY*>(y->untyped_data()), R, C, s, smap, b, bmap, m, mmap, e,
-                     emap, o[0], o[1], o[2], o[3]);
+                     emap, o[0], o[1], o[2]);
   });
   if (bad == 1) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported input dtype");
   if (bad == 2) return ffi::Error::InvalidArgument("jaxnorm kernel: unsupported output dtype");
@@ -407,7 +406,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowsFwd, RowsFwdImpl,
                                   .Ret<ffi::AnyBuffer>()   // mean (shift)
                                   .Ret<ffi::AnyBuffer>()   // offset
                                   .Ret<ffi::AnyBuffer>()   // var
-                                  .Ret<ffi::AnyBuffer>()   // rstd
                                   .Attr<int32_t>("flags"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowsBwd, RowsBwdImpl,
