@@ -120,6 +120,24 @@ def test_low_precision_rounded_once(kind, dtype):
   ref.assert_within(dx, dx_xla, 4 * u * np.abs(g64[0]) + 1e-4, f"{kind} dx vs XLA path")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_streaming_stores_change_no_bit(monkeypatch, dtype):
+  """Non-temporal stores (JAXNORM_STREAM_BYTES=0: always) write the same bits as
+  plain stores: rows not 32-byte aligned (odd lengths), masked rows, both kernels."""
+  mask = jnp.asarray(np.arange(7) % 3 != 1)[:, None]
+  f = jax.jit(lambda x, s, b, w: (jn.layer_norm(x, s, b, where=mask), jax.grad(
+      lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b, where=mask).astype(jnp.float32) * w),
+      argnums=(0, 1, 2))(x, s, b)))
+  for c in (1, 3, 37, 1023):
+    args = (data((7, c), dtype, loc=0.5), data((c,), seed=1), data((c,), seed=2),
+            data((7, c), seed=3))
+    out = {}
+    for mode in ("0", "-1"):
+      monkeypatch.setenv("JAXNORM_STREAM_BYTES", mode)
+      out[mode] = jax.tree.map(np.asarray, f(*args))
+    jax.tree.map(np.testing.assert_array_equal, out["0"], out["-1"])
+
+
 def test_output_dtype_differs_from_input():
   x = data((4, 16), jnp.bfloat16)
   y = jn.layer_norm(x, dtype=jnp.float32)

@@ -3,9 +3,12 @@
 // XLA's intra-op thread pool.
 #pragma once
 
+#include <unistd.h>
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -13,6 +16,10 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -106,6 +113,90 @@ inline int with_float_types(ffi::DataType t1, ffi::DataType t2, F&& f) {
     bad = 1;
   return bad;
 }
+
+// ---------------------------------------------------------------- streaming stores
+
+// Outputs too large to stay in cache are written with non-temporal stores: they skip
+// the read-for-ownership of every destination line (a write then costs one memory
+// pass, not two) and do not evict the inputs.  When the output would still be in
+// cache for its consumer they are slower, so they are used only when the arrays a
+// kernel touches total at least stream_threshold() bytes: JAXNORM_STREAM_BYTES if
+// set (0: always, negative: never), else 1.5 x the L3 cache.  Measured on a 2-core
+// EPYC (32 MiB L3), x * 2 + 1 followed by a tanh: streaming loses at 32 MiB touched
+// (1.69 vs 1.57 x XLA's fused pass) and wins from 48 MiB on (1.60 vs 1.77).
+inline int64_t stream_threshold() {
+  if (const char* e = std::getenv("JAXNORM_STREAM_BYTES"); e && *e) {
+    const long long v = std::atoll(e);
+    return v < 0 ? INT64_MAX : static_cast<int64_t>(v);
+  }
+  static const int64_t dflt = [] {
+    long l3 = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return static_cast<int64_t>(l3 > 0 ? l3 : 32l << 20) * 3 / 2;
+  }();
+  return dflt;
+}
+
+// Copies n bytes from src (in cache) to dst with non-temporal stores where dst is
+// aligned (plain stores for an unaligned head and a tail).  Call stream_fence()
+// before the data is handed to another thread.
+inline void stream_copy(void* dst, const void* src, size_t n) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if defined(__AVX__)
+  constexpr size_t kW = 32;
+#elif defined(__SSE2__)
+  constexpr size_t kW = 16;
+#else
+  constexpr size_t kW = 0;
+#endif
+  if constexpr (kW > 0) {
+    const size_t head = std::min(n, (kW - reinterpret_cast<uintptr_t>(d) % kW) % kW);
+    std::memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    for (; n >= kW; n -= kW, d += kW, s += kW) {
+#if defined(__AVX__)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+#elif defined(__SSE2__)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+#endif
+    }
+  }
+  std::memcpy(d, s, n);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Where a row kernel writes an output row: straight to memory, or (streaming) into a
+// per-thread buffer in cache that flush() then streams out.
+template <class T>
+struct RowSink {
+  bool stream;
+  std::vector<T> buf;
+  T* out = nullptr;
+  int64_t n = 0;
+  explicit RowSink(bool s) : stream(s) {}
+  T* row(T* dst, int64_t len) {
+    out = dst, n = len;
+    if (!stream) return dst;
+    buf.resize(len);
+    return buf.data();
+  }
+  void flush() {
+    if (stream && n > 0) stream_copy(out, buf.data(), n * sizeof(T));
+  }
+  ~RowSink() {
+    if (stream) stream_fence();
+  }
+};
 
 // ------------------------------------------------------------------- broadcasting
 

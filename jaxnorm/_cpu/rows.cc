@@ -21,7 +21,8 @@
 // set of row blocks that depends only on the shapes; each block is computed by one
 // thread in a fixed order, so results do not depend on the number of threads.
 // Statistics are accumulated in float32 in 16 independent lanes (vectorised), then
-// combined pairwise.
+// combined pairwise.  Outputs too large for the cache (y, dx) are written with
+// non-temporal stores (common.h, stream_threshold).
 
 #include "common.h"
 
@@ -184,10 +185,12 @@ void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, i
               const bool* mask, const RowMap& mmap, const float* eps, const RowMap& emap,
               float* km, float* kd, float* kv) {
   const bool center = flags & kCenter;
+  const bool stream = R * C * int64_t(sizeof(TX) + sizeof(TY)) >= stream_threshold();
   const int64_t per = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(C, 1));
   const int64_t ntasks = (R + per - 1) / per;
   parallel_for(pool, ntasks, [&](int64_t t) {
     std::vector<float> buf;
+    RowSink<TY> sink(stream);
     const int64_t r1 = std::min(R, (t + 1) * per);
     for (int64_t r = t * per; r < r1; ++r) {
       const float* xr = as_f32(x + r * C, C, buf);
@@ -199,7 +202,7 @@ void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, i
       kv[r] = st.v;
       const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
       const float* b = (flags & kBias) ? bias + bmap(r) * C : nullptr;
-      TY* yr = y + r * C;
+      TY* yr = sink.row(y + r * C, C);
       if (s && b) {
         for (int64_t i = 0; i < C; ++i) yr[i] = from_f32<TY>(((xr[i] - m) - d) * (rstd * s[i]) + b[i]);
       } else if (s) {
@@ -209,6 +212,7 @@ void rows_fwd(ffi::ThreadPool& pool, int flags, const TX* x, TY* y, int64_t R, i
       } else {
         for (int64_t i = 0; i < C; ++i) yr[i] = from_f32<TY>(((xr[i] - m) - d) * rstd);
       }
+      sink.flush();
     }
   });
 }
@@ -233,8 +237,10 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
     blk = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(C, 1));
     nblocks = (R + blk - 1) / blk;
   }
+  const bool stream = R * C * int64_t(2 * sizeof(TX) + sizeof(TG)) >= stream_threshold();
   parallel_for(pool, nblocks, [&](int64_t t) {
     std::vector<float> xbuf, gbuf;
+    RowSink<TX> sink(stream);
     int64_t r0, r1;
     float *ps = nullptr, *pb = nullptr;
     if (want_partials) {
@@ -252,11 +258,12 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
       const float* gr = as_f32(g + r * C, C, gbuf);
       const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
       const bool in = !(flags & kMask) || mask[mmap(r)];
-      TX* dxr = dx + r * C;
+      TX* dxr = sink.row(dx + r * C, C);
       if (pb)
         for (int64_t i = 0; i < C; ++i) pb[i] += gr[i];
       if (!in || C == 0) {  // no statistics: y = bias, zero gradient to x
         for (int64_t i = 0; i < C; ++i) dxr[i] = from_f32<TX>(0.f);
+        sink.flush();
         deps[r] = 0.f;
         continue;
       }
@@ -283,6 +290,7 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
           dxr[k] = from_f32<TX>(rstd * ((gr[k] - mg) - q * xc) + (e0 + e1 * xc));
         }
       }
+      sink.flush();
       if (ps)
         for (int64_t k = 0; k < C; ++k) ps[k] += gr[k] * (((xr[k] - m) - d) * rstd);
     }
