@@ -177,6 +177,45 @@ inline RowStats row_stats(const float* xr, int64_t C, bool center, float eps) {
   return st;
 }
 
+// ------------------------------------------------------------- parameter gradients
+
+constexpr int kGroup = 4;  // rows whose parameter-gradient terms are added in one pass
+
+// The rows of a group, for the partial sums of the parameter gradients.
+struct RowGroup {
+  int n = 0, n_in = 0;                            // rows; rows with statistics
+  const float* g[kGroup];                         // every row's g (dbias)
+  const float *gi[kGroup], *xi[kGroup];           // rows with statistics (dscale)
+  float m[kGroup], d[kGroup], rstd[kGroup];
+};
+
+// pb += g and ps += g * (((x - m) - d) * rstd) over a group's rows, added row by row
+// in order (the same sums, bit for bit, as one row at a time), reading and writing
+// the partial sums once per group instead of once per row.
+inline void add_partials(const RowGroup& rg, int64_t C, float* ps, float* pb) {
+  int64_t k = 0;
+  for (; k + 8 <= C; k += 8) {
+    if (pb) {
+      V8 a = load8(pb + k);
+      for (int j = 0; j < rg.n; ++j) a += load8(rg.g[j] + k);
+      store8(pb + k, a);
+    }
+    if (ps) {
+      V8 a = load8(ps + k);
+      for (int j = 0; j < rg.n_in; ++j)
+        a += load8(rg.gi[j] + k) * (((load8(rg.xi[j] + k) - rg.m[j]) - rg.d[j]) * rg.rstd[j]);
+      store8(ps + k, a);
+    }
+  }
+  for (; k < C; ++k) {
+    if (pb)
+      for (int j = 0; j < rg.n; ++j) pb[k] += rg.g[j][k];
+    if (ps)
+      for (int j = 0; j < rg.n_in; ++j)
+        ps[k] += rg.gi[j][k] * (((rg.xi[j][k] - rg.m[j]) - rg.d[j]) * rg.rstd[j]);
+  }
+}
+
 // ------------------------------------------------------------------------ forward
 
 template <class TX, class TY>
@@ -239,7 +278,7 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
   }
   const bool stream = R * C * int64_t(2 * sizeof(TX) + sizeof(TG)) >= stream_threshold();
   parallel_for(pool, nblocks, [&](int64_t t) {
-    std::vector<float> xbuf, gbuf;
+    std::vector<float> xbuf[kGroup], gbuf[kGroup];
     RowSink<TX> sink(stream);
     int64_t r0, r1;
     float *ps = nullptr, *pb = nullptr;
@@ -253,46 +292,52 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
       r0 = t * blk;
       r1 = std::min(R, r0 + blk);
     }
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = as_f32(x + r * C, C, xbuf);
-      const float* gr = as_f32(g + r * C, C, gbuf);
-      const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
-      const bool in = !(flags & kMask) || mask[mmap(r)];
-      TX* dxr = sink.row(dx + r * C, C);
-      if (pb)
-        for (int64_t i = 0; i < C; ++i) pb[i] += gr[i];
-      if (!in || C == 0) {  // no statistics: y = bias, zero gradient to x
-        for (int64_t i = 0; i < C; ++i) dxr[i] = from_f32<TX>(0.f);
+    const float inv_n = 1.f / static_cast<float>(std::max<int64_t>(C, 1));
+    for (int64_t r_first = r0; r_first < r1; r_first += kGroup) {
+      RowGroup group;
+      group.n = static_cast<int>(std::min<int64_t>(kGroup, r1 - r_first));
+      for (int j = 0; j < group.n; ++j) {
+        const int64_t r = r_first + j;
+        const float* xr = as_f32(x + r * C, C, xbuf[j]);
+        const float* gr = as_f32(g + r * C, C, gbuf[j]);
+        const float* s = (flags & kScale) ? scale + smap(r) * C : nullptr;
+        const bool in = !(flags & kMask) || mask[mmap(r)];
+        TX* dxr = sink.row(dx + r * C, C);
+        group.g[j] = gr;
+        if (!in || C == 0) {  // no statistics: y = bias, zero gradient to x
+          for (int64_t i = 0; i < C; ++i) dxr[i] = from_f32<TX>(0.f);
+          sink.flush();
+          deps[r] = 0.f;
+          continue;
+        }
+        const RowStats st = row_stats(xr, C, center, eps[emap(r)]);
+        const float m = st.m, d = st.d, rstd = st.rstd;
+        float a1, a2;
+        row_grad_sums(xr, gr, s, C, m, d, &a1, &a2);
+        deps[r] = -0.5f * (rstd * rstd * rstd) * a2;  // this row's share of d(loss)/d(eps)
+        // dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n:
+        // gs - a1 / n first, so the cancellation happens before the scaling by rstd.
+        const float mg = center ? a1 * inv_n : 0.f;
+        const float q = rstd * rstd * a2 * inv_n;
+        const float e0 = center ? ctd[ctdmap(r)] * inv_n : 0.f;
+        const float e1 = 2.f * ctv[ctvmap(r)] * inv_n;
+        if (s) {
+          for (int64_t k = 0; k < C; ++k) {
+            const float xc = (xr[k] - m) - d;
+            dxr[k] = from_f32<TX>(rstd * ((gr[k] * s[k] - mg) - q * xc) + (e0 + e1 * xc));
+          }
+        } else {
+          for (int64_t k = 0; k < C; ++k) {
+            const float xc = (xr[k] - m) - d;
+            dxr[k] = from_f32<TX>(rstd * ((gr[k] - mg) - q * xc) + (e0 + e1 * xc));
+          }
+        }
         sink.flush();
-        deps[r] = 0.f;
-        continue;
+        const int i = group.n_in++;
+        group.gi[i] = gr, group.xi[i] = xr;
+        group.m[i] = m, group.d[i] = d, group.rstd[i] = rstd;
       }
-      const RowStats st = row_stats(xr, C, center, eps[emap(r)]);
-      const float m = st.m, d = st.d, rstd = st.rstd;
-      float a1, a2;
-      row_grad_sums(xr, gr, s, C, m, d, &a1, &a2);
-      deps[r] = -0.5f * (rstd * rstd * rstd) * a2;  // this row's share of d(loss)/d(eps)
-      // dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n:
-      // gs - a1 / n first, so the cancellation happens before the scaling by rstd.
-      const float inv_n = 1.f / static_cast<float>(C);
-      const float mg = center ? a1 * inv_n : 0.f;
-      const float q = rstd * rstd * a2 * inv_n;
-      const float e0 = center ? ctd[ctdmap(r)] * inv_n : 0.f;
-      const float e1 = 2.f * ctv[ctvmap(r)] * inv_n;
-      if (s) {
-        for (int64_t k = 0; k < C; ++k) {
-          const float xc = (xr[k] - m) - d;
-          dxr[k] = from_f32<TX>(rstd * ((gr[k] * s[k] - mg) - q * xc) + (e0 + e1 * xc));
-        }
-      } else {
-        for (int64_t k = 0; k < C; ++k) {
-          const float xc = (xr[k] - m) - d;
-          dxr[k] = from_f32<TX>(rstd * ((gr[k] - mg) - q * xc) + (e0 + e1 * xc));
-        }
-      }
-      sink.flush();
-      if (ps)
-        for (int64_t k = 0; k < C; ++k) ps[k] += gr[k] * (((xr[k] - m) - d) * rstd);
+      if (ps || pb) add_partials(group, C, ps, pb);
     }
   });
 }
