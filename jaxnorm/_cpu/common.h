@@ -233,12 +233,16 @@ struct RowMap {
 
 // ----------------------------------------------------------------------- threads
 
-// Runs body(b) for b in [0, nblocks) on the pool and the calling thread.  Blocks
-// are claimed dynamically, but each block's result is independent of who runs it.
+// Runs body(b) for b in [0, nblocks) on the calling thread and num_threads() - 1
+// helpers from the pool: as many workers as the pool has threads (one per core), not
+// one more.  (With a helper per pool thread plus the caller, three workers shared two
+// cores: the column sums ran at 0.7-0.8x the speed, batch-norm forward 1.71 vs 1.32
+// floors.)  Blocks are claimed dynamically, but each block's result is independent
+// of who runs it.
 inline void parallel_for(ffi::ThreadPool& pool, int64_t nblocks, const std::function<void(int64_t)>& body) {
   if (nblocks <= 0) return;
-  int64_t nthreads = pool.num_threads();
-  int64_t helpers = std::min<int64_t>(nthreads, nblocks - 1);
+  const int64_t nthreads = pool.num_threads();
+  const int64_t helpers = std::min<int64_t>(nthreads - 1, nblocks - 1);
   if (helpers <= 0) {
     for (int64_t b = 0; b < nblocks; ++b) body(b);
     return;
