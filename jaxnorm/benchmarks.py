@@ -8,8 +8,9 @@ glibc's malloc keeping freed memory (see below), ``--help`` for the rest.
 How a case is judged.  Normalization is memory-bound, so each case is timed
 against a *floor*: a jitted ``x * 2 + 1`` on the same input, which reads it once
 and writes one array of the same size.  All competitors of a case run
-interleaved, round by round, in a freshly shuffled order each round, after a
-warm-up that is not timed; the table gives the median over the rounds, and
+interleaved, round by round, in a freshly shuffled order each round (torch last,
+followed by a 20 ms pause: its OpenMP threads spin after each call and would slow
+the next competitor), after a warm-up that is not timed; the table gives the median over the rounds, and
 ratios of medians measured in the same run (absolute times on a shared machine
 drift by 2-4x within minutes; ratios within one run do not).  For the JAX
 competitors it also gives XLA's deterministic figures: ``cost_analysis()`` bytes
@@ -57,6 +58,7 @@ import numpy as np
 GLIBC_TUNED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                "glibc.malloc.trim_threshold=68719476736")
 
+TORCH_SETTLE_S = 0.02  # pause after each timed torch call (see run_case)
 COMPETITORS = ("floor", "floor-ffi", "jaxnorm", "jaxnorm-xla", "flax.linen", "flax.nnx",
                "torch")
 REF = "jaxnorm-ref"    # the plain reference path (--reference)
@@ -722,10 +724,16 @@ def run_case(case: Case, competitors: Sequence[str], *, size: str, rounds: int,
   try:
     for i in range(rounds):
       rng.shuffle(order)
-      for r in order:
+      # torch last in each round, then a pause: after each call its OpenMP workers
+      # spin for milliseconds (libgomp's default spin count) and took a core from
+      # whichever competitor came next (JAX calls timed right after torch ran up to
+      # ~2x slower, IQR 40-80%)
+      for r in sorted(order, key=lambda r: r.name == "torch"):
         t0 = time.perf_counter()
         r.call()
         times[r.name].append(time.perf_counter() - t0)
+        if r.name == "torch":
+          time.sleep(TORCH_SETTLE_S)
       if i + 1 >= min(rounds, 5) and time.perf_counter() - start > max_seconds:
         break
   finally:
@@ -776,8 +784,8 @@ def header(args: argparse.Namespace) -> list[str]:
           "ratios are indicative only", "tiny": "--tiny: toy shapes (a smoke test; "
           "timings meaningless)"}[args.size]
   lines.append(f"mode: {mode}; up to {args.rounds} rounds (at most ~{args.max_seconds:g} s "
-               "per case), competitors interleaved in a shuffled order each round, warm-up "
-               "excluded, medians")
+               "per case), competitors interleaved in a shuffled order each round (torch last, "
+               "then a 20 ms pause), warm-up excluded, medians")
   lines.append("ratios: median / median of the named competitor in the same run; floor = "
                "jitted x*2+1 (read x once, write one array)")
   return lines
