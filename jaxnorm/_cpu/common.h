@@ -121,13 +121,15 @@ inline int with_float_types(ffi::DataType t1, ffi::DataType t2, F&& f) {
 // pass, not two) and do not evict the inputs.  When the output would still be in
 // cache for its consumer they are slower, so they are used only when the arrays a
 // kernel touches total at least stream_threshold() bytes: JAXNORM_STREAM_BYTES if
-// set (0: always, negative: never), else 1.5 x the L3 cache.  Measured on a 2-core
+// set to an integer (0: always, negative: never; anything else is ignored), else
+// 1.5 x the L3 cache.  Measured on a 2-core
 // EPYC (32 MiB L3), x * 2 + 1 followed by a tanh: streaming loses at 32 MiB touched
 // (1.69 vs 1.57 x XLA's fused pass) and wins from 48 MiB on (1.60 vs 1.77).
 inline int64_t stream_threshold() {
   if (const char* e = std::getenv("JAXNORM_STREAM_BYTES"); e && *e) {
-    const long long v = std::atoll(e);
-    return v < 0 ? INT64_MAX : static_cast<int64_t>(v);
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    if (*end == '\0') return v < 0 ? INT64_MAX : static_cast<int64_t>(v);
   }
   static const int64_t dflt = [] {
     long l3 = -1;
