@@ -231,11 +231,30 @@ def affine(x: Array, shift: Array, offset: Array, rstd: Array, scale: Array | No
   into four passes; this form is one.)
   """
   cdtype = stat_dtype(x.dtype)
+  if _stats_vary_along_minor_axis(x, shift):
+    shift, offset, rstd = lax.optimization_barrier((shift, offset, rstd))
   a = rstd.astype(cdtype) if scale is None else rstd.astype(cdtype) * scale.astype(cdtype)
   y = ((x.astype(cdtype) - shift.astype(cdtype)) - offset.astype(cdtype)) * a
   if bias is not None:
     y = y + bias.astype(cdtype)
   return y.astype(out_dtype)
+
+
+def _stats_vary_along_minor_axis(x: Array, shift: Array) -> bool:
+  """Whether to materialise the statistics before :func:`affine`'s pass (on the CPU).
+
+  Statistics that vary along ``x``'s last (contiguous) axis -- batch norm with the
+  features minor -- are otherwise recomputed by XLA:CPU for every element inside the
+  fused loop (the shift's finiteness selects, the offset, the rsqrt), since they
+  change in its innermost iteration.  Materialising them first (an optimisation
+  barrier; same values, bit for bit) measured 0.92x the time for batch-norm training
+  forward NHWC, 0.93x for evaluation, 0.98x/0.96x for a ResNet bottleneck fwd+bwd
+  (f32/bf16).  Statistics constant along the last axis (layer norm, NCHW) are hoisted
+  out of the inner loop anyway; there a barrier cost 5% (it splits XLA's fusion of the
+  reduction with the output pass).
+  """
+  return (x.ndim > 0 and shift.ndim == x.ndim and shift.shape[-1] != 1
+          and shift.size < x.size and jax.default_backend() == "cpu")
 
 
 # --------------------------------------------------------------------------- implementation

@@ -417,3 +417,31 @@ def test_forward_backward_has_no_full_size_temporary(name, dtype):
   temp = compiled.memory_analysis().temp_size_in_bytes
   x_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
   assert temp < x_bytes / 8, f"{temp / 2**20:.1f} MiB of temporaries for a {x_bytes / 2**20:.0f} MiB x"
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_statistics_materialised_before_affine_only_when_minor(monkeypatch, layout):
+  """On the CPU, statistics that vary along x's last axis (batch norm NHWC) go through
+  an optimization barrier before the affine pass (XLA:CPU would recompute them per
+  element); NCHW's are constant along it.  The barrier changes no bit."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU-only rule")
+  nhwc = layout == "nhwc"
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5, 8) if nhwc else (6, 8, 5)),
+                  jnp.float32) + 3
+  feat = -1 if nhwc else 1
+  stats = jn.init_batch_stats((8,))
+
+  def run():
+    def f(x):
+      y, new = jn.batch_norm(x, stats, training=True, feature_axes=feat)
+      return jnp.sum(jnp.sin(y)), (y, new.mean, new.var)
+    return jax.tree.map(np.asarray, jax.jit(jax.value_and_grad(f, has_aux=True))(x))
+
+  rule, seen = _vjp._stats_vary_along_minor_axis, []
+  monkeypatch.setattr(_vjp, "_stats_vary_along_minor_axis",
+                      lambda x, s: seen.append(rule(x, s)) or seen[-1])
+  with_rule = run()
+  assert seen and all(v == nhwc for v in seen)
+  monkeypatch.setattr(_vjp, "_stats_vary_along_minor_axis", lambda x, s: False)
+  jax.tree.map(np.testing.assert_array_equal, with_rule, run())
