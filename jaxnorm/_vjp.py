@@ -231,7 +231,7 @@ def affine(x: Array, shift: Array, offset: Array, rstd: Array, scale: Array | No
   into four passes; this form is one.)
   """
   cdtype = stat_dtype(x.dtype)
-  if _stats_vary_along_minor_axis(x, shift):
+  if _materialise_statistics(x, shift):
     shift, offset, rstd = lax.optimization_barrier((shift, offset, rstd))
   a = rstd.astype(cdtype) if scale is None else rstd.astype(cdtype) * scale.astype(cdtype)
   y = ((x.astype(cdtype) - shift.astype(cdtype)) - offset.astype(cdtype)) * a
@@ -240,7 +240,7 @@ def affine(x: Array, shift: Array, offset: Array, rstd: Array, scale: Array | No
   return y.astype(out_dtype)
 
 
-def _stats_vary_along_minor_axis(x: Array, shift: Array) -> bool:
+def _materialise_statistics(x: Array, shift: Array) -> bool:
   """Whether to materialise the statistics before :func:`affine`'s pass (on the CPU).
 
   Statistics that vary along ``x``'s last (contiguous) axis -- batch norm with the

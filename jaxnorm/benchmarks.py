@@ -10,11 +10,12 @@ against a *floor*: a jitted ``x * 2 + 1`` on the same input, which reads it once
 and writes one array of the same size.  All competitors of a case run
 interleaved, round by round, in a freshly shuffled order each round (torch last,
 followed by a 20 ms pause: its OpenMP threads spin after each call and would slow
-the next competitor), after a warm-up that is not timed; the table gives the median over the rounds, and
-ratios of medians measured in the same run (absolute times on a shared machine
-drift by 2-4x within minutes; ratios within one run do not).  For the JAX
-competitors it also gives XLA's deterministic figures: ``cost_analysis()`` bytes
-accessed and ``memory_analysis()`` temporary bytes of the compiled executable.
+the next competitor), after a warm-up that is not timed; the table gives the
+median over the rounds, and ratios of medians measured in the same run (absolute
+times on a shared machine drift by 2-4x within minutes; ratios within one run do
+not).  For the JAX competitors it also gives XLA's deterministic figures:
+``cost_analysis()`` bytes accessed and ``memory_analysis()`` temporary bytes of the
+compiled executable.
 
 Forward+backward ("fwd+bwd") is ``jax.grad`` of ``sum(y * g)`` with respect to
 ``x``, ``scale`` and ``bias`` (torch: ``torch.autograd.grad(y, (x, w, b), g)``).

@@ -438,10 +438,10 @@ def test_statistics_materialised_before_affine_only_when_minor(monkeypatch, layo
       return jnp.sum(jnp.sin(y)), (y, new.mean, new.var)
     return jax.tree.map(np.asarray, jax.jit(jax.value_and_grad(f, has_aux=True))(x))
 
-  rule, seen = _vjp._stats_vary_along_minor_axis, []
-  monkeypatch.setattr(_vjp, "_stats_vary_along_minor_axis",
+  rule, seen = _vjp._materialise_statistics, []
+  monkeypatch.setattr(_vjp, "_materialise_statistics",
                       lambda x, s: seen.append(rule(x, s)) or seen[-1])
   with_rule = run()
   assert seen and all(v == nhwc for v in seen)
-  monkeypatch.setattr(_vjp, "_stats_vary_along_minor_axis", lambda x, s: False)
+  monkeypatch.setattr(_vjp, "_materialise_statistics", lambda x, s: False)
   jax.tree.map(np.testing.assert_array_equal, with_rule, run())
