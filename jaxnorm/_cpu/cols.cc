@@ -29,6 +29,8 @@ enum Flags { kSame = 1 };
 constexpr int64_t kTaskElems = 1 << 16;  // elements per task (256 KiB of float32)
 constexpr int64_t kMaxChunk = 2048;       // columns per task: whole rows up to this stream best
 constexpr int64_t kBlockRows = 128;       // rows summed in float32 before going to double
+constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead to read (moments, short rows)
+constexpr int64_t kPrefetchMaxRow = 2048;     // bytes per row up to which that helps
 
 struct Shift {  // a shift operand of shape (S or 1, 1, L or 1)
   const float* p;
@@ -92,6 +94,14 @@ void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int
   // Task totals, (S, nblocks, L) each, in double.
   const size_t np = static_cast<size_t>(S * nblocks * L);
   std::unique_ptr<double[]> p1(new double[np]), p2(new double[np]);
+  // Moments (one operand) over rows of at most kPrefetchMaxRow bytes: read ahead
+  // explicitly, kPrefetchBytes (a multiple of 4 rows).  Measured, 16 MiB float32 as
+  // (4M / L, L): 0.76-0.94x the time for L = 64..512, 1.02-1.14x for L >= 1024 (whole
+  // pages, which the hardware prefetcher follows well), and nothing gained for two
+  // operands (the backward's sum of g and g * x: 0.96-1.10x).
+  const int64_t row_bytes = chunk * static_cast<int64_t>(sizeof(TA));
+  const bool read_ahead = same && row_bytes <= kPrefetchMaxRow;
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (4 * row_bytes)) * 4;
   parallel_for(pool, S * nchunks * nblocks, [&](int64_t t) {
     const int64_t blk = t % nblocks, c = (t / nblocks) % nchunks, s = t / (nblocks * nchunks);
     const int64_t l0 = c * chunk, n = std::min(L, l0 + chunk) - l0;
@@ -114,6 +124,8 @@ void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int
       int64_t m = r0;
       for (; m + 4 <= r1; m += 4) {
         const int64_t off = (s * M + m) * L + l0;
+        if (read_ahead && m + ahead + 4 <= M)
+          prefetch_rows(a + off + ahead * L, 4, L * sizeof(TA), n * sizeof(TA));
         if (same)
           add_rows<4, true>(a + off, b + off, L, sa, sb, acc1, acc2, n);
         else

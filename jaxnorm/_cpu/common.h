@@ -200,6 +200,23 @@ struct RowSink {
   }
 };
 
+// ---------------------------------------------------------------------- prefetch
+
+// Asks for `rows` row segments of `bytes` bytes, `stride` bytes apart from `p` on, to
+// be brought into cache (a hint: no fault, no effect on results).  A loop that reads
+// four short rows at a time, interleaved (the column sums: 8 columns of each), got
+// 0.7x the bandwidth of a sequential read from the hardware prefetcher alone; asking
+// for the rows ~16 KiB ahead brought it to 0.85-0.95x (2-core EPYC).
+inline void prefetch_rows(const void* p, int64_t rows, int64_t stride, int64_t bytes) {
+#if defined(__SSE__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t r = 0; r < rows; ++r, c += stride)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+#else
+  (void)p, (void)rows, (void)stride, (void)bytes;
+#endif
+}
+
 // ------------------------------------------------------------------- broadcasting
 
 // Maps a row of x (flat index over x's leading axes) to a row of an operand of the
