@@ -164,6 +164,14 @@ def _rows_cover(x, axes, scale, bias, where, axis_name, fallback, dtype) -> bool
                       fallback=fallback, out_dtype=jnp.dtype(dtype or x.dtype))
 
 
+def _groups_cover(x, g, axes, scale) -> bool:
+  """Whether the fused backward kernel of group/instance norm with the features minor
+  takes ``dx`` and the sums (:mod:`jaxnorm._cpu._groups`; the caller checks that no
+  all-reduce, mask or fallback comes between them)."""
+  from ._cpu import _groups
+  return _groups.covers(x, g, tuple(axes), scale)
+
+
 def standardize_reference(x: Array, axes: tuple[int, ...], scale: Array | None = None,
                           bias: Array | None = None, *, where: Array | None = None,
                           epsilon: Any = 1e-6, axis_name: AxisName | None = None,
@@ -418,7 +426,13 @@ def _bwd(cfg, residuals, cts):
   # per channel for group norm, faster to reduce) and corrected by (kf - k - d) * t1.
   if any(kf.shape[a] != 1 for a in q):  # the finest shift must be constant along q
     kf = k
-  if q and cfg.kernels and where is None and column_kernel_covers(x, q, g):
+  dx = None
+  if (cfg.kernels and where is None and usable is None and cfg.axis_name is None
+      and _groups_cover(x, g, cfg.axes, scale)):
+    from ._cpu import _groups  # group/instance norm, NHWC: dx and both sums, one read
+    dx, t1, t2 = _groups.backward(x, g, cfg.axes, q, k_u, d_u, rstd_u, scale, ct_d, ct_v,
+                                  center=cfg.center)
+  elif q and cfg.kernels and where is None and column_kernel_covers(x, q, g):
     from ._cpu import _cols  # both sums in one pass over g and x
     t1, t2 = _cols.shifted_sums(g, None, x, kf if cfg.center else None, q)
     if cfg.center:
@@ -457,24 +471,24 @@ def _bwd(cfg, residuals, cts):
     a2g = _psum(cfg, a2)
     ct_vg = _psum_transpose(cfg, jnp.broadcast_to(ct_v, a2.shape), a2)
 
-  # dx = rstd * g * scale + (m / n) * (c0 + c1 * (x - mean)).
-  c1 = -(rstd_u * rstd_u * rstd_u) * a2g
-  c0 = -rstd_u * a1g if cfg.center else None
-  if usable is not None:  # fallback features: no gradient through the batch statistics
-    c1 = jnp.where(usable, c1, 0)
-    c0 = None if c0 is None else jnp.where(usable, c0, 0)
-  c1 = c1 + 2 * ct_vg
-  if cfg.center:
-    c0 = c0 + ct_dg
-  inv_n = 1 / jnp.where(n > 0, n, 1)
-  kx, dx_, c0x, c1x, inv_nx, rstdx, sx = independent(k, d, c0, c1, inv_n, rstd_u, s)
-  xf, gf = fresh_xg()
-  direct = gf * rstdx if s is None else gf * (sx * rstdx)
-  corr = (c0x + c1x * centred(xf, kx, dx_)) if cfg.center else c1x * xf
-  corr = corr * inv_nx
-  if where is not None:
-    corr = jnp.where(where, corr, 0)
-  dx = (direct + corr).astype(x.dtype)
+  if dx is None:  # dx = rstd * g * scale + (m / n) * (c0 + c1 * (x - mean))
+    c1 = -(rstd_u * rstd_u * rstd_u) * a2g
+    c0 = -rstd_u * a1g if cfg.center else None
+    if usable is not None:  # fallback features: no gradient through the batch statistics
+      c1 = jnp.where(usable, c1, 0)
+      c0 = None if c0 is None else jnp.where(usable, c0, 0)
+    c1 = c1 + 2 * ct_vg
+    if cfg.center:
+      c0 = c0 + ct_dg
+    inv_n = 1 / jnp.where(n > 0, n, 1)
+    kx, dx_, c0x, c1x, inv_nx, rstdx, sx = independent(k, d, c0, c1, inv_n, rstd_u, s)
+    xf, gf = fresh_xg()
+    direct = gf * rstdx if s is None else gf * (sx * rstdx)
+    corr = (c0x + c1x * centred(xf, kx, dx_)) if cfg.center else c1x * xf
+    corr = corr * inv_nx
+    if where is not None:
+      corr = jnp.where(where, corr, 0)
+    dx = (direct + corr).astype(x.dtype)
 
   # Parameter gradients; delta moves the centring from the batch mean to the used one.
   delta = None if usable is None else jnp.where(usable, 0, (k - k_u) + (d - d_u))

@@ -96,6 +96,7 @@ TOK, TOK_Q, TOK_T = (8192, 1024), (1024, 1024), (16, 32)
 GN, GN_Q, GN_T = (32, 32, 32, 128), (4, 32, 32, 128), (2, 4, 4, 64)
 BLK, BLK_Q, BLK_T = (8, 128, 256), (2, 64, 256), (2, 8, 32)          # (batch, tokens, width)
 RES, RES_Q, RES_T = (8, 28, 28, 256), (2, 14, 14, 256), (2, 4, 4, 32)  # NHWC, 4x bottleneck
+GRB, GRB_Q, GRB_T = (8, 32, 32, 64), (2, 16, 16, 64), (2, 4, 4, 64)  # NHWC, GN res block
 
 CASES = (
     Case("batch_norm/train/fwd/nhwc", "batch_norm_train", NHWC, NHWC_Q, NHWC_T, target=1.5,
@@ -129,8 +130,11 @@ CASES = (
     Case("model/bottleneck/fwd+bwd/nhwc", "resnet_bottleneck", RES, RES_Q, RES_T, grad=True),
     Case("model/bottleneck/fwd+bwd/nhwc/bf16", "resnet_bottleneck", RES, RES_Q, RES_T,
          dtype="bfloat16", grad=True),
+    Case("model/gn-resblock/fwd+bwd/nhwc", "gn_resblock", GRB, GRB_Q, GRB_T, grad=True),
+    Case("model/gn-resblock/fwd+bwd/nhwc/bf16", "gn_resblock", GRB, GRB_Q, GRB_T,
+         dtype="bfloat16", grad=True),
 )
-MODELS = ("transformer_block", "resnet_bottleneck")
+MODELS = ("transformer_block", "resnet_bottleneck", "gn_resblock")
 
 BN_EPS, EPS, GROUPS, MOMENTUM = 1e-5, 1e-6, 32, 0.99
 
@@ -557,7 +561,8 @@ def _model_runner(name: str, case: Case, inputs: Inputs) -> Runner:
   ``transformer_block``: pre-LN block ``h = x + attn(LN1(x))``, ``out = h +
   mlp(LN2(h))`` (8 heads, MLP 4x, gelu).  ``resnet_bottleneck``: NHWC ``relu(x +
   BN3(conv1x1(relu(BN2(conv3x3(relu(BN1(conv1x1(x)))))))))`` with C/4 inner channels,
-  batch norm in training mode.  The norms are jaxnorm's (``jaxnorm``: CPU kernels
+  batch norm in training mode.  ``gn_resblock`` (a diffusion U-Net's block): NHWC
+  ``x + conv3x3(silu(GN2(conv3x3(silu(GN1(x))))))``, 32 groups.  The norms are jaxnorm's (``jaxnorm``: CPU kernels
   where they apply, ``jaxnorm-xla``: kernels off) or flax.linen's.
   """
   if name in ("floor", "floor-ffi"):
@@ -584,6 +589,13 @@ def _model_runner(name: str, case: Case, inputs: Inputs) -> Runner:
     with jn.no_kernels() if xla else contextlib.nullcontext():
       return jn.layer_norm(x, s, b, epsilon=EPS)
 
+  def group_norm(x, s, b):
+    if name == "flax.linen":
+      return nn.GroupNorm(num_groups=GROUPS, epsilon=EPS, dtype=dtype).apply(
+          {"params": {"scale": s, "bias": b}}, x)
+    with jn.no_kernels() if xla else contextlib.nullcontext():
+      return jn.group_norm(x, s, b, num_groups=GROUPS, epsilon=EPS)
+
   def batch_norm(x, s, b, st):
     if name == "flax.linen":
       y, upd = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=BN_EPS,
@@ -596,6 +608,8 @@ def _model_runner(name: str, case: Case, inputs: Inputs) -> Runner:
     return y, {"mean": new.mean, "var": new.var}
 
   mm = lambda a, w: jnp.dot(a, w.astype(a.dtype))
+  conv = lambda a, w: jax.lax.conv_general_dilated(
+      a, w.astype(a.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   if case.norm == "transformer_block":
     heads = 8
     params = {"ln1": (ones, zeros), "ln2": (ones, zeros), "qkv": dense(c, 3 * c),
@@ -611,10 +625,16 @@ def _model_runner(name: str, case: Case, inputs: Inputs) -> Runner:
       o = jnp.einsum("bhts,bshd->bthd", att, split(v)).reshape(bsz, t, c)
       h = x + mm(o, p["o"])
       return h + mm(jax.nn.gelu(mm(layer_norm(h, *p["ln2"]), p["w1"])), p["w2"]), state
-  else:
+  elif case.norm == "gn_resblock":
+    params = {"w1": dense(c, c, 3, 3), "w2": dense(c, c, 3, 3), "gn1": (ones, zeros),
+              "gn2": (ones, zeros)}
+    state = None
+
+    def apply(x, p, state):
+      h = conv(jax.nn.silu(group_norm(x, *p["gn1"])), p["w1"])
+      return x + conv(jax.nn.silu(group_norm(h, *p["gn2"])), p["w2"]), state
+  elif case.norm == "resnet_bottleneck":
     ci = c // 4
-    conv = lambda a, w: jax.lax.conv_general_dilated(
-        a, w.astype(a.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     bn_p = lambda n: (jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
     params = {"w1": dense(c, ci, 1, 1), "w2": dense(ci, ci, 3, 3), "w3": dense(ci, c, 1, 1),
               "bn1": bn_p(ci), "bn2": bn_p(ci), "bn3": bn_p(c)}

@@ -358,7 +358,11 @@ _THREADS_SCRIPT = textwrap.dedent("""
     bn = lambda x: jn.batch_norm(x, jn.init_batch_stats(257), training=True)
     st = jax.jit(lambda x: bn(x)[1])(x)
     dx = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(bn(x)[0]))))(x)
-    np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, *g, st.mean, st.var, dx)]))
+    # the fused group-norm backward kernel: dx
+    xg = jnp.asarray(rng.normal(size=(6, 10, 10, 32)).astype(np.float32))
+    dxg = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(jn.group_norm(x, num_groups=8)))))(xg)
+    np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, *g, st.mean, st.var, dx,
+                                                               dxg)]))
 """)
 
 

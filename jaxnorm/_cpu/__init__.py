@@ -29,10 +29,11 @@ import threading
 import warnings
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "rows.cc", _HERE / "cols.cc")
+_SOURCES = (_HERE / "rows.cc", _HERE / "cols.cc", _HERE / "groups.cc")
 _HEADERS = (_HERE / "common.h",)
 _TARGETS = {"jaxnorm_rows_fwd": "JaxnormRowsFwd", "jaxnorm_rows_bwd": "JaxnormRowsBwd",
-            "jaxnorm_column_sums": "JaxnormColumnSums", "jaxnorm_axpb": "JaxnormAxpb"}
+            "jaxnorm_column_sums": "JaxnormColumnSums", "jaxnorm_groups_bwd": "JaxnormGroupsBwd",
+            "jaxnorm_axpb": "JaxnormAxpb"}
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "error": None, "warned": False}

@@ -28,7 +28,6 @@ enum Flags { kSame = 1 };
 
 constexpr int64_t kTaskElems = 1 << 16;  // elements per task (256 KiB of float32)
 constexpr int64_t kMaxChunk = 2048;       // columns per task: whole rows up to this stream best
-constexpr int64_t kBlockRows = 128;       // rows summed in float32 before going to double
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead to read (moments, short rows)
 constexpr int64_t kPrefetchMaxRow = 2048;     // bytes per row up to which that helps
 
@@ -44,52 +43,14 @@ struct Shift {  // a shift operand of shape (S or 1, 1, L or 1)
   float at(int64_t s, int64_t l) const { return p[s * s_stride + l * l_stride]; }
 };
 
-// acc1 += sum over K rows of u, acc2 += sum of u * v, with u = a - sa, v = b - sb (or u),
-// the K rows added pairwise first; rows are `stride` apart.  Vector body, scalar tail
-// with the same per-element arithmetic.
-template <int K, bool kSameAB, class TA, class TB>
-inline void add_rows(const TA* a, const TB* b, int64_t stride, const float* sa, const float* sb,
-                     float* acc1, float* acc2, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const V8 ka = load8(sa + i), kb = load8(sb + i);
-    V8 u[K], p[K];
-    for (int k = 0; k < K; ++k) {
-      u[k] = load8(a + k * stride + i) - ka;
-      p[k] = u[k] * (kSameAB ? u[k] : load8(b + k * stride + i) - kb);
-    }
-    V8 su = u[0], sp = p[0];
-    if constexpr (K == 4) {
-      su = (u[0] + u[1]) + (u[2] + u[3]);
-      sp = (p[0] + p[1]) + (p[2] + p[3]);
-    }
-    store8(acc1 + i, load8(acc1 + i) + su);
-    store8(acc2 + i, load8(acc2 + i) + sp);
-  }
-  for (; i < n; ++i) {
-    float u[K], p[K];
-    for (int k = 0; k < K; ++k) {
-      u[k] = to_f32(a[k * stride + i]) - sa[i];
-      p[k] = u[k] * (kSameAB ? u[k] : to_f32(b[k * stride + i]) - sb[i]);
-    }
-    float su = u[0], sp = p[0];
-    if constexpr (K == 4) {
-      su = (u[0] + u[1]) + (u[2] + u[3]);
-      sp = (p[0] + p[1]) + (p[2] + p[3]);
-    }
-    acc1[i] += su;
-    acc2[i] += sp;
-  }
-}
-
 template <class TA, class TB>
 void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int64_t S,
                  int64_t M, int64_t L, const Shift& ka, const Shift& kb, float* s1, float* s2) {
   const bool same = flags & kSame;
   const int64_t chunk = std::min(L, kMaxChunk);
   const int64_t nchunks = (L + chunk - 1) / chunk;
-  const int64_t per_task = kTaskElems / chunk;  // rows per task: a multiple of kBlockRows
-  const int64_t rows = std::max<int64_t>(1, per_task / kBlockRows) * kBlockRows;
+  const int64_t per_task = kTaskElems / chunk;  // rows per task: a multiple of kSumBlockRows
+  const int64_t rows = std::max<int64_t>(1, per_task / kSumBlockRows) * kSumBlockRows;
   const int64_t nblocks = (M + rows - 1) / rows;
   // Task totals, (S, nblocks, L) each, in double.
   const size_t np = static_cast<size_t>(S * nblocks * L);
@@ -116,33 +77,13 @@ void column_sums(ffi::ThreadPool& pool, int flags, const TA* a, const TB* b, int
       q1[i] = 0;
       q2[i] = 0;
     }
-    for (int64_t r0 = m0; r0 < m1; r0 += kBlockRows) {
-      for (int64_t i = 0; i < n; ++i) acc1[i] = acc2[i] = 0.f;
-      const int64_t r1 = std::min(m1, r0 + kBlockRows);
-      // Four rows at a time (the accumulators are loaded and stored once per four
-      // rows), then the remaining rows one by one: a fixed order for a given shape.
-      int64_t m = r0;
-      for (; m + 4 <= r1; m += 4) {
-        const int64_t off = (s * M + m) * L + l0;
-        if (read_ahead && m + ahead + 4 <= M)
-          prefetch_rows(a + off + ahead * L, 4, L * sizeof(TA), n * sizeof(TA));
-        if (same)
-          add_rows<4, true>(a + off, b + off, L, sa, sb, acc1, acc2, n);
-        else
-          add_rows<4, false>(a + off, b + off, L, sa, sb, acc1, acc2, n);
-      }
-      for (; m < r1; ++m) {
-        const int64_t off = (s * M + m) * L + l0;
-        if (same)
-          add_rows<1, true>(a + off, b + off, L, sa, sb, acc1, acc2, n);
-        else
-          add_rows<1, false>(a + off, b + off, L, sa, sb, acc1, acc2, n);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        q1[i] += acc1[i];
-        q2[i] += acc2[i];
-      }
-    }
+    const TA* as = a + s * M * L + l0;
+    const TB* bs = b + s * M * L + l0;
+    if (same)
+      sum_row_range<true>(as, bs, L, m0, m1, sa, sb, acc1, acc2, q1, q2, n,
+                          read_ahead ? ahead : 0, M);
+    else
+      sum_row_range<false>(as, bs, L, m0, m1, sa, sb, acc1, acc2, q1, q2, n);
   });
   // Add the task totals in block order; tasks are (s, chunk of L).
   parallel_for(pool, S * nchunks, [&](int64_t t) {

@@ -1,10 +1,11 @@
-// Shared by jaxnorm's CPU kernels (rows.cc, cols.cc): element types with float32
+// Shared by jaxnorm's CPU kernels (rows.cc, cols.cc, groups.cc): element types with float32
 // conversion, broadcasting of small operands, and a deterministic parallel loop on
 // XLA's intra-op thread pool.
 #pragma once
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -114,6 +115,95 @@ inline int with_float_types(ffi::DataType t1, ffi::DataType t2, F&& f) {
   return bad;
 }
 
+// ---------------------------------------------------------------------- prefetch
+
+// Asks for `rows` row segments of `bytes` bytes, `stride` bytes apart from `p` on, to
+// be brought into cache (a hint: no fault, no effect on results).  A loop that reads
+// four short rows at a time, interleaved (the column sums: 8 columns of each), got
+// 0.7x the bandwidth of a sequential read from the hardware prefetcher alone; asking
+// for the rows ~16 KiB ahead brought it to 0.85-0.95x (2-core EPYC).
+inline void prefetch_rows(const void* p, int64_t rows, int64_t stride, int64_t bytes) {
+#if defined(__SSE__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t r = 0; r < rows; ++r, c += stride)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+#else
+  (void)p, (void)rows, (void)stride, (void)bytes;
+#endif
+}
+
+// ------------------------------------------------------------------ column sums
+
+// acc1 += sum over K rows of u, acc2 += sum of u * v, with u = a - sa, v = b - sb (or u),
+// the K rows added pairwise first; rows are `stride` apart.  Vector body, scalar tail
+// with the same per-element arithmetic.
+template <int K, bool kSameAB, class TA, class TB>
+inline void add_rows(const TA* a, const TB* b, int64_t stride, const float* sa, const float* sb,
+                     float* acc1, float* acc2, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const V8 ka = load8(sa + i), kb = load8(sb + i);
+    V8 u[K], p[K];
+    for (int k = 0; k < K; ++k) {
+      u[k] = load8(a + k * stride + i) - ka;
+      p[k] = u[k] * (kSameAB ? u[k] : load8(b + k * stride + i) - kb);
+    }
+    V8 su = u[0], sp = p[0];
+    if constexpr (K == 4) {
+      su = (u[0] + u[1]) + (u[2] + u[3]);
+      sp = (p[0] + p[1]) + (p[2] + p[3]);
+    }
+    store8(acc1 + i, load8(acc1 + i) + su);
+    store8(acc2 + i, load8(acc2 + i) + sp);
+  }
+  for (; i < n; ++i) {
+    float u[K], p[K];
+    for (int k = 0; k < K; ++k) {
+      u[k] = to_f32(a[k * stride + i]) - sa[i];
+      p[k] = u[k] * (kSameAB ? u[k] : to_f32(b[k * stride + i]) - sb[i]);
+    }
+    float su = u[0], sp = p[0];
+    if constexpr (K == 4) {
+      su = (u[0] + u[1]) + (u[2] + u[3]);
+      sp = (p[0] + p[1]) + (p[2] + p[3]);
+    }
+    acc1[i] += su;
+    acc2[i] += sp;
+  }
+}
+
+// Column sums over the rows [r0, r1) of a and b (rows `stride` elements apart, n
+// columns from the pointers on): float32 over blocks of kSumBlockRows rows, four rows
+// at a time (add_rows) then one by one, each block's sums added into tot1/tot2 in
+// double.  The order of every addition depends on the row range alone.  With
+// ahead > 0, the four rows `ahead` further on are prefetched while they are before
+// row `end` (moments over short rows; see prefetch_rows).
+constexpr int64_t kSumBlockRows = 128;
+
+template <bool kSameAB, class TA, class TB>
+inline void sum_row_range(const TA* a, const TB* b, int64_t stride, int64_t r0, int64_t r1,
+                          const float* sa, const float* sb, float* acc1, float* acc2,
+                          double* tot1, double* tot2, int64_t n, int64_t ahead = 0,
+                          int64_t end = 0) {
+  for (int64_t b0 = r0; b0 < r1; b0 += kSumBlockRows) {
+    std::fill(acc1, acc1 + n, 0.f);
+    std::fill(acc2, acc2 + n, 0.f);
+    const int64_t b1 = std::min(r1, b0 + kSumBlockRows);
+    int64_t m = b0;
+    for (; m + 4 <= b1; m += 4) {
+      if (ahead > 0 && m + ahead + 4 <= end)
+        prefetch_rows(a + (m + ahead) * stride, 4, stride * sizeof(TA), n * sizeof(TA));
+      add_rows<4, kSameAB>(a + m * stride, b + m * stride, stride, sa, sb, acc1, acc2, n);
+    }
+    for (; m < b1; ++m)
+      add_rows<1, kSameAB>(a + m * stride, b + m * stride, stride, sa, sb, acc1, acc2, n);
+    for (int64_t i = 0; i < n; ++i) {
+      tot1[i] += acc1[i];
+      tot2[i] += acc2[i];
+    }
+  }
+}
+
 // ---------------------------------------------------------------- streaming stores
 
 // Outputs too large to stay in cache are written with non-temporal stores: they skip
@@ -199,23 +289,6 @@ struct RowSink {
     if (stream) stream_fence();
   }
 };
-
-// ---------------------------------------------------------------------- prefetch
-
-// Asks for `rows` row segments of `bytes` bytes, `stride` bytes apart from `p` on, to
-// be brought into cache (a hint: no fault, no effect on results).  A loop that reads
-// four short rows at a time, interleaved (the column sums: 8 columns of each), got
-// 0.7x the bandwidth of a sequential read from the hardware prefetcher alone; asking
-// for the rows ~16 KiB ahead brought it to 0.85-0.95x (2-core EPYC).
-inline void prefetch_rows(const void* p, int64_t rows, int64_t stride, int64_t bytes) {
-#if defined(__SSE__)
-  const char* c = static_cast<const char*>(p);
-  for (int64_t r = 0; r < rows; ++r, c += stride)
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
-#else
-  (void)p, (void)rows, (void)stride, (void)bytes;
-#endif
-}
 
 // ------------------------------------------------------------------- broadcasting
 
