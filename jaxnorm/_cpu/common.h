@@ -173,14 +173,14 @@ inline void add_rows(const TA* a, const TB* b, int64_t stride, const float* sa, 
 }
 
 // Column sums over the rows [r0, r1) of a and b (rows `stride` elements apart, n
-// columns from the pointers on): float32 over blocks of kSumBlockRows rows, four rows
-// at a time (add_rows) then one by one, each block's sums added into tot1/tot2 in
-// double.  The order of every addition depends on the row range alone.  With
-// ahead > 0, the four rows `ahead` further on are prefetched while they are before
-// row `end` (moments over short rows; see prefetch_rows).
+// columns from the pointers on): float32 over blocks of kSumBlockRows rows, K rows at
+// a time (add_rows) then one by one, each block's sums added into tot1/tot2 in
+// double.  The order of every addition depends on K and the row range alone.  With
+// ahead > 0, the K rows `ahead` further on (of a, and of b if it is another operand)
+// are prefetched while they are before row `end`.
 constexpr int64_t kSumBlockRows = 128;
 
-template <bool kSameAB, class TA, class TB>
+template <int K, bool kSameAB, class TA, class TB>
 inline void sum_row_range(const TA* a, const TB* b, int64_t stride, int64_t r0, int64_t r1,
                           const float* sa, const float* sb, float* acc1, float* acc2,
                           double* tot1, double* tot2, int64_t n, int64_t ahead = 0,
@@ -190,10 +190,13 @@ inline void sum_row_range(const TA* a, const TB* b, int64_t stride, int64_t r0, 
     std::fill(acc2, acc2 + n, 0.f);
     const int64_t b1 = std::min(r1, b0 + kSumBlockRows);
     int64_t m = b0;
-    for (; m + 4 <= b1; m += 4) {
-      if (ahead > 0 && m + ahead + 4 <= end)
-        prefetch_rows(a + (m + ahead) * stride, 4, stride * sizeof(TA), n * sizeof(TA));
-      add_rows<4, kSameAB>(a + m * stride, b + m * stride, stride, sa, sb, acc1, acc2, n);
+    for (; m + K <= b1; m += K) {
+      if (ahead > 0 && m + ahead + K <= end) {
+        prefetch_rows(a + (m + ahead) * stride, K, stride * sizeof(TA), n * sizeof(TA));
+        if (!kSameAB)
+          prefetch_rows(b + (m + ahead) * stride, K, stride * sizeof(TB), n * sizeof(TB));
+      }
+      add_rows<K, kSameAB>(a + m * stride, b + m * stride, stride, sa, sb, acc1, acc2, n);
     }
     for (; m < b1; ++m)
       add_rows<1, kSameAB>(a + m * stride, b + m * stride, stride, sa, sb, acc1, acc2, n);
