@@ -238,14 +238,22 @@ def _params_f32(cfg, scale, bias):
 
 
 def _primal(cfg, x, scale, bias, mask, eps):
-  return _fwd(cfg, x, scale, bias, mask, eps)[0]
+  """Not differentiated (inference, evaluation): the forward kernel."""
+  s, b = _params_f32(cfg, scale, bias)
+  return _fwd_call((("flags", cfg.flags), ("out_dtype", cfg.out_dtype)), x, s, b, mask, eps)
 
 
 def _fwd(cfg, x, scale, bias, mask, eps):
-  # Only the inputs are kept: the backward kernel recomputes the row statistics, so
-  # when only gradients are wanted XLA drops the forward call altogether.
+  """Differentiated (a training step): the forward as XLA operations, the backward
+  kernel.  In a model the normalized rows feed a matmul, and XLA:CPU fuses the whole
+  XLA-path layer norm into that dot; a custom call cannot join the fusion.  Measured,
+  a pre-LN transformer block's fwd+bwd (150 paired rounds, vs the XLA path): forward
+  kernel 1.022 +- 0.021 (f32) / 0.984 +- 0.021 (bf16), this 1.005 +- 0.020 /
+  0.955 +- 0.016.  Only the inputs are kept: the backward kernel recomputes the row
+  statistics, so when only gradients are wanted XLA drops the forward altogether.
+  """
   s, b = _params_f32(cfg, scale, bias)
-  out = _fwd_call((("flags", cfg.flags), ("out_dtype", cfg.out_dtype)), x, s, b, mask, eps)
+  out = _fwd_impl(x, s, b, mask, eps, flags=cfg.flags, out_dtype=cfg.out_dtype)
   return out, (x, s, mask, eps)
 
 
