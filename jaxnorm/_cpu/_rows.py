@@ -14,10 +14,13 @@ jaxnorm's shifted form (shift ``m``, offset ``d``).  The backward kernel gives
 ``xc = (x - m) - d``, ``gs = g * scale``, ``a1 = sum(gs)``, ``a2 = sum(gs * xc)``
 (the formula of :mod:`jaxnorm._vjp`), plus partial sums of ``g * xc * rstd`` and
 ``g`` over fixed blocks of rows, which XLA adds up into ``dscale``/``dbias``.  It
-recomputes each row's statistics from ``x`` with the forward's code (bit for bit
-the same; the row is in cache), so the only residuals are the inputs, and when
-only gradients are used (``y`` and the statistics are dead) XLA removes the forward
-call: forward+backward is then one read of ``x`` and ``g`` and one write of ``dx``.
+recomputes each row's statistics from ``x`` with the forward kernel's code (bit for
+bit the same; the row is in cache), so the only residuals are the inputs.  Under
+differentiation the forward is traced as XLA operations (XLA:CPU fuses them into the
+matmul that usually follows; see ``_fwd``) and the forward kernel serves the forward
+that is not differentiated; when only gradients are used (``y`` and the statistics
+are dead) XLA removes the forward: forward+backward is then one read of ``x`` and
+``g`` and one write of ``dx``.
 
 Transforms.  The kernels are two primitives with their own batching rule (``vmap``
 adds a leading axis to every operand and stays one kernel call; parameters that are
