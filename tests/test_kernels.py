@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxnorm as jn
 from jaxnorm import _cpu, _vjp
 
 import reference as ref
+from kernel_checks import assert_sharded_jit_does_not_gather
 
 pytestmark = pytest.mark.skipif(not jn.kernels_available(),
                                 reason=f"kernels not built: {_cpu.build_error()}")
@@ -336,21 +336,9 @@ def test_axis_name_uses_xla_path():
 
 
 def test_sharded_jit_does_not_gather_x(devices):
-  mesh = jax.sharding.Mesh(np.array(devices), ("b",))
-  x = jax.device_put(data((16, 64)), NamedSharding(mesh, P("b", None)))
-  s = data((64,), seed=1)
   loss = lambda x, s: jnp.sum(jn.layer_norm(x, s) ** 2)
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  hlo = step.lower(x, s).compile().as_text()
-  assert "all-gather" not in hlo, "x was gathered"
-  assert "jaxnorm_rows" not in hlo  # partitioned: the kernels' math as XLA ops
-  v, (gx, gs) = step(x, s)
-  v1, (gx1, gs1) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(np.asarray(x), s)
-  single = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(np.asarray(x), s)
-  assert "jaxnorm_rows" in single.compile().as_text()  # unsharded: the kernels
-  np.testing.assert_allclose(v, v1, rtol=1e-5)
-  np.testing.assert_allclose(gx, gx1, atol=2e-5)
-  np.testing.assert_allclose(gs, gs1, atol=2e-4)
+  assert_sharded_jit_does_not_gather(devices, loss, data((16, 64)), (data((64,), seed=1),),
+                                     "jaxnorm_rows", atol=2e-4, rtol=0)
 
 
 _THREADS_SCRIPT = textwrap.dedent("""

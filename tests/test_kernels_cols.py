@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxnorm as jn
 from jaxnorm import _cpu
 from jaxnorm._cpu import _cols
 
 import reference as ref
+from kernel_checks import assert_sharded_jit_does_not_gather
 
 pytestmark = pytest.mark.skipif(not jn.kernels_available(),
                                 reason=f"kernels not built: {_cpu.build_error()}")
@@ -232,21 +232,9 @@ def test_axis_name_keeps_kernels_and_global_statistics(devices):
 
 
 def test_sharded_jit_does_not_gather_x(devices):
-  mesh = jax.sharding.Mesh(np.array(devices), ("b",))
-  x = jax.device_put(data((16, 4, 4, 32)), NamedSharding(mesh, P("b")))
-  s, b = _params(x, bn)
+  x = data((16, 4, 4, 32))
   loss = lambda x, s, b: jnp.sum(bn(x, s, b)[0] ** 2)
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-  hlo = step.lower(x, s, b).compile().as_text()
-  assert "all-gather" not in hlo, "x was gathered"
-  assert KERNEL not in hlo  # partitioned: the kernel's math as XLA operations
-  single = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-  assert KERNEL in single.lower(np.asarray(x), s, b).compile().as_text()
-  v, g = step(x, s, b)
-  v1, g1 = single(np.asarray(x), s, b)
-  np.testing.assert_allclose(v, v1, rtol=1e-5)
-  for a, c in zip(g, g1):
-    np.testing.assert_allclose(a, c, atol=5e-5, rtol=1e-4)
+  assert_sharded_jit_does_not_gather(devices, loss, x, _params(x, bn), KERNEL)
 
 
 def test_layouts_it_does_not_take():
