@@ -278,24 +278,31 @@ def test_vmap_is_one_kernel_call():
 
 
 def test_gradient_only_drops_the_forward_call():
-  """Differentiated, the forward is XLA operations (which XLA fuses into a following
-  matmul) and the backward the kernel; it recomputes the row statistics from x, so
-  when only gradients are used XLA removes the forward (one read of x and g, one
-  write of dx).  Not differentiated, the forward kernel runs.  Gradients (epsilon's
-  too) equal the XLA path's, and the forward's value the kernel's."""
+  """The backward recomputes the row statistics from x, so when only gradients are
+  used XLA removes the forward (one read of x and g, one write of dx).  When the output
+  is used too, a differentiated forward of at least XLA_FORWARD_MIN elements is XLA
+  operations (which XLA fuses into a following matmul), a smaller one the forward
+  kernel; not differentiated, the forward kernel runs.  Gradients (epsilon's too)
+  equal the XLA path's, and the forward's value the kernel's."""
+  from jaxnorm._cpu import _rows
+  for shape, routed in (((6, 40), False), ((_rows.XLA_FORWARD_MIN // 512, 512), True)):
+    x, s, b = data(shape, loc=2.0), data(shape[-1:], seed=1), data(shape[-1:], seed=2)
+    w = data(shape, seed=3)
+    targets = lambda f: re.findall(r'custom_call_target="(jaxnorm_rows_\w+)"',
+                                   f.lower(x, s, b).compile().as_text())
+    only_grad = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b) * w),
+                                 argnums=(0, 1, 2)))
+    both = jax.jit(jax.value_and_grad(
+        lambda x, s, b: jnp.sum(jnp.tanh(jn.layer_norm(x, s, b))), argnums=(0, 1, 2)))
+    plain = jax.jit(lambda x, s, b: jnp.sum(jnp.tanh(jn.layer_norm(x, s, b))))
+    assert targets(only_grad) == ["jaxnorm_rows_bwd"]
+    assert sorted(targets(both)) == (["jaxnorm_rows_bwd"] if routed else
+                                     ["jaxnorm_rows_bwd", "jaxnorm_rows_fwd"])
+    assert targets(plain) == ["jaxnorm_rows_fwd"]
+    np.testing.assert_allclose(both(x, s, b)[0], plain(x, s, b), rtol=1e-5)
+
   x, s, b = data((6, 40), loc=2.0), data((40,), seed=1), data((40,), seed=2)
   w = data((6, 40), seed=3)
-  targets = lambda f: re.findall(r'custom_call_target="(jaxnorm_rows_\w+)"',
-                                 f.lower(x, s, b).compile().as_text())
-  only_grad = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b) * w),
-                               argnums=(0, 1, 2)))
-  both = jax.jit(jax.value_and_grad(lambda x, s, b: jnp.sum(jnp.tanh(jn.layer_norm(x, s, b))),
-                                    argnums=(0, 1, 2)))
-  plain = jax.jit(lambda x, s, b: jnp.sum(jnp.tanh(jn.layer_norm(x, s, b))))
-  assert targets(only_grad) == ["jaxnorm_rows_bwd"]
-  assert targets(both) == ["jaxnorm_rows_bwd"]
-  assert targets(plain) == ["jaxnorm_rows_fwd"]
-  np.testing.assert_allclose(both(x, s, b)[0], plain(x, s, b), rtol=1e-6)
 
   def loss(x, s, b, eps):
     y, _, _ = _vjp.standardize(x, (1,), s[None], b[None], epsilon=eps)
