@@ -98,36 +98,10 @@ inline float row_sum_sq(const float* x, int64_t n) {
   return combine(b.a);
 }
 
-// sum(gs) and sum(gs * x) over a row, gs = g * s (s may be null): the backward's
-// gradient sums without centring.
-inline void row_grad_sums(const float* x, const float* g, const float* s, int64_t n, float* a1,
-                          float* a2) {
-  V8 p0 = {}, p1 = {}, q0 = {}, q1 = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    V8 g0 = load(g + i), g1 = load(g + i + 8);
-    if (s) {
-      g0 *= load(s + i);
-      g1 *= load(s + i + 8);
-    }
-    p0 += g0;
-    p1 += g1;
-    q0 += g0 * load(x + i);
-    q1 += g1 * load(x + i + 8);
-  }
-  Spill t1(p0, p1), t2(q0, q1);
-  for (int j = 0; i < n; ++i, ++j) {
-    const float gs = s ? g[i] * s[i] : g[i];
-    t1.a[j] += gs;
-    t2.a[j] += gs * x[i];
-  }
-  *a1 = combine(t1.a);
-  *a2 = combine(t2.a);
-}
-
-// The backward's one pass over a cached row once m is known: s1 = sum(x - m),
-// s2 = sum((x - m)^2) (row_centred_sums' lanes, so the same bits), a1 = sum(gs) and
-// a2 = sum(gs * (x - m)), gs = g * s (s may be null).
+// The backward's one pass over a cached row once m is known (0 without centring):
+// s1 = sum(x - m), s2 = sum((x - m)^2) (the lanes of row_centred_sums and, for m = 0,
+// of row_sum_sq: the same bits), a1 = sum(gs) and a2 = sum(gs * (x - m)), gs = g * s
+// (s may be null).
 inline void row_centred_grad_sums(const float* x, const float* g, const float* s, int64_t n,
                                   float m, float* s1, float* s2, float* a1, float* a2) {
   V8 a0 = {}, a1v = {}, b0 = {}, b1 = {}, p0 = {}, p1 = {}, q0 = {}, q1 = {};
@@ -205,11 +179,20 @@ inline RowStats centred_stats(float m, float s1, float s2, float n, float eps) {
   return st;
 }
 
+// v = s2 / n and rstd from s2 = sum(x^2) of n values (no centring: m = d = 0).
+inline RowStats uncentred_stats(float s2, float n, float eps) {
+  RowStats st;
+  st.v = s2 / n;
+  st.rstd = 1.f / std::sqrt(st.v + eps);
+  return st;
+}
+
 // The statistics of one row (C > 0): m = sum(x) / n, then with the row in L1
 // d = sum(x - m) / n and v = sum((x - m)^2) / n - d^2 (or v = sum(x^2) / n without
 // centring).  The backward recomputes them with the same sums (row_sum, and the lanes
-// of row_centred_sums inside row_centred_grad_sums) and centred_stats, so they are
-// the forward kernel's bit for bit and nothing but x has to be kept for the backward.
+// of row_centred_sums or row_sum_sq inside row_centred_grad_sums) and centred_stats /
+// uncentred_stats, so they are the forward kernel's bit for bit and nothing but x has
+// to be kept for the backward.
 inline RowStats row_stats(const float* xr, int64_t C, bool center, float eps) {
   const float n = static_cast<float>(C);
   if (center) {
@@ -218,10 +201,7 @@ inline RowStats row_stats(const float* xr, int64_t C, bool center, float eps) {
     row_centred_sums(xr, C, m, &s1, &s2);
     return centred_stats(m, s1, s2, n, eps);
   }
-  RowStats st;
-  st.v = row_sum_sq(xr, C) / n;
-  st.rstd = 1.f / std::sqrt(st.v + eps);
-  return st;
+  return uncentred_stats(row_sum_sq(xr, C), n, eps);
 }
 
 // ------------------------------------------------------------- parameter gradients
@@ -357,21 +337,16 @@ void rows_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx
           deps[r] = 0.f;
           continue;
         }
-        // The statistics (the forward kernel's, bit for bit) and the gradient sums: with
-        // centring, the statistics' second pass and the sums share one pass over the
-        // cached row, a2 = sum(gs * (x - m)) - d * a1 = sum(gs * ((x - m) - d)).
-        RowStats st;
-        float a1, a2;
-        if (center) {
-          const float m0 = row_sum(xr, C) / static_cast<float>(C);
-          float s1, s2, a2m;
-          row_centred_grad_sums(xr, gr, s, C, m0, &s1, &s2, &a1, &a2m);
-          st = centred_stats(m0, s1, s2, static_cast<float>(C), eps[emap(r)]);
-          a2 = a2m - st.d * a1;
-        } else {
-          st = row_stats(xr, C, false, eps[emap(r)]);
-          row_grad_sums(xr, gr, s, C, &a1, &a2);
-        }
+        // The statistics (the forward kernel's, bit for bit) and the gradient sums: the
+        // statistics' (second) pass and the sums share one pass over the cached row,
+        // a2 = sum(gs * (x - m)) - d * a1 = sum(gs * ((x - m) - d)).
+        const float n = static_cast<float>(C);
+        const float m0 = center ? row_sum(xr, C) / n : 0.f;
+        float s1, s2, a1, a2m;
+        row_centred_grad_sums(xr, gr, s, C, m0, &s1, &s2, &a1, &a2m);
+        const RowStats st = center ? centred_stats(m0, s1, s2, n, eps[emap(r)])
+                                   : uncentred_stats(s2, n, eps[emap(r)]);
+        const float a2 = a2m - st.d * a1;  // st.d = 0 without centring
         const float m = st.m, d = st.d, rstd = st.rstd;
         deps[r] = -0.5f * (rstd * rstd * rstd) * a2;  // this row's share of d(loss)/d(eps)
         // dx = rstd * ((gs - a1 / n) - (rstd^2 a2 / n) * xc) + (ct_d + 2 ct_v xc) / n:
