@@ -12,6 +12,8 @@ on the XLA path.  Skipped when the kernels cannot be built here.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,7 +188,7 @@ def test_sharded_jit_does_not_gather_x(devices):
   assert_sharded_jit_does_not_gather(devices, loss, data((16, 4, 4, 16)), _params(16), KERNEL)
 
 
-def test_what_stays_on_the_xla_path():
+def test_what_stays_on_the_xla_path(monkeypatch):
   f, _, shape = CASES["gn_groups_of_4"]
   x = data(shape)
   s, b = _params(shape[-1])
@@ -196,8 +198,16 @@ def test_what_stays_on_the_xla_path():
   assert _groups.layout((4, 2, 4, 6, 5), (2, 3, 4)) is None
   assert _groups.layout((4, 5, 6, 2, 4), (1, 2, 4)) == (1, 3, 4)
   assert _groups.layout((4, 5, 6, 8), (1, 2)) == (1, 3, 1)
-  # fewer than MIN_SAMPLES samples, a mask, per-sample scales, axis_name
+  # fewer than MIN_SAMPLES samples, samples over max_sample_bytes(), a mask, per-sample
+  # scales, axis_name
   assert calls(lambda x: _grads(f, x, s, b, x), x[:2]) == 0
+  sample = math.prod(shape[1:]) * 2 * 4  # x and g, float32
+  assert 0 < _groups.max_sample_bytes() and calls(lambda x: _grads(f, x, s, b, x), x) == 1
+  monkeypatch.setattr(_groups, "max_sample_bytes", lambda: sample - 1)
+  assert calls(lambda x: _grads(f, x, s, b, x), x) == 0
+  monkeypatch.setattr(_groups, "max_sample_bytes", lambda: sample)
+  assert calls(lambda x: _grads(f, x, s, b, x), x) == 1
+  monkeypatch.undo()
   masked = lambda x, s, b: jn.group_norm(x, s, b, num_groups=4, where=x > -2)
   assert calls(lambda x: _grads(masked, x, s, b, x), x) == 0
   film = lambda x, s, b: jn.instance_norm(x) * s[:, None, None, :] + b[:, None, None, :]

@@ -160,6 +160,18 @@ def kernels_available() -> bool:
   return True
 
 
+def l3_cache_bytes() -> int:
+  """The L3 cache's size as the kernels see it (``sysconf``; 32 MiB where unknown or
+  the kernels are not loaded)."""
+  lib = _state["loaded"]
+  if lib is None:
+    return 32 << 20
+  import ctypes
+  fn = lib.jaxnorm_l3_bytes
+  fn.restype = ctypes.c_int64
+  return int(fn())
+
+
 def build_error() -> str | None:
   """Why the kernels could not be built (None if they were, or were not tried)."""
   return _state["error"]

@@ -17,11 +17,14 @@
 // -- jaxnorm._vjp's backward for these layouts.  t1 and t2 are returned (float32) for
 // the parameter gradients (dbias = sum_s t1, dscale = sum_s t2 rstd) and epsilon's.
 //
-// Partition: a task is one sample and a chunk of whole groups whose M rows of x and g
-// fit in kCacheBytes, so the dx pass reads them from cache: x and g are read from
-// memory once, dx written once (streaming stores when large).  The sums are taken as
-// in cols.cc (float32 per block of rows, double across), each task alone in a fixed
-// order: results do not depend on the number of threads.
+// Partition: a task is one sample, so the dx pass reads its x and g from cache: x and
+// g are read from memory once, dx written once (streaming stores when large).  The
+// caller (_groups.covers) sends only samples whose x and g fit in a quarter of the L3
+// cache.  (Splitting a larger sample's features into cache-sized chunks made rows of a
+// few cache lines at a stride, slower than the XLA path: (8, 64, 64, 128) float32
+// fwd+bwd took 5.3 floors in 1 MiB chunks, 2.8 whole, 5.5 on the XLA path.)  The sums
+// are taken as in cols.cc (float32 per block of rows, double across), each task alone
+// in a fixed order: results do not depend on the number of threads.
 
 #include <type_traits>
 
@@ -33,15 +36,7 @@ using namespace jaxnorm;
 
 enum Flags { kCenter = 1, kScale = 2 };
 
-constexpr int64_t kCacheBytes = 1 << 20;  // x and g of a task: whole samples of the
-                                          // benchmark's GN (0.5 MiB, strided: 1.37x)
 constexpr int64_t kPrefetchBytes = 16 << 10;
-
-// Features per task: whole groups, as many as keep M rows of x and g in kCacheBytes.
-int64_t chunk_features(int64_t M, int64_t L, int64_t Cg, int64_t bytes_per_elem) {
-  const int64_t per_group = std::max<int64_t>(1, M * Cg * bytes_per_elem);
-  return std::min(L, std::max<int64_t>(1, kCacheBytes / per_group) * Cg);
-}
 
 template <class TX, class TG>
 void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* dx, int64_t S,
@@ -49,26 +44,23 @@ void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* 
                 float* t1, float* t2) {
   const bool center = flags & kCenter;
   const int64_t G = L / Cg;
-  const int64_t chunk = chunk_features(M, L, Cg, sizeof(TX) + sizeof(TG));
-  const int64_t nchunks = (L + chunk - 1) / chunk;
   const float *sk = stats, *sd = sk + S * G, *sr = sd + S * G, *sctd = sr + S * G,
               *sctv = sctd + S * G;
   const bool stream = S * M * L * int64_t(2 * sizeof(TX) + sizeof(TG)) >= stream_threshold();
   const int64_t ahead = std::max<int64_t>(  // rows: kPrefetchBytes of x and g
-      1, kPrefetchBytes / std::max<int64_t>(1, chunk * int64_t(sizeof(TX) + sizeof(TG))));
-  parallel_for(pool, S * nchunks, [&](int64_t t) {
-    const int64_t s = t / nchunks, l0 = (t % nchunks) * chunk;
-    const int64_t n = std::min(L, l0 + chunk) - l0, g0 = l0 / Cg;
-    const TX* xs = x + s * M * L + l0;
-    const TG* gs = g + s * M * L + l0;
-    TX* dxs = dx + s * M * L + l0;
+      1, kPrefetchBytes / std::max<int64_t>(1, L * int64_t(sizeof(TX) + sizeof(TG))));
+  parallel_for(pool, S, [&](int64_t s) {
+    const int64_t n = L;
+    const TX* xs = x + s * M * L;
+    const TG* gs = g + s * M * L;
+    TX* dxs = dx + s * M * L;
     std::vector<float> f(8 * n);
     float *zero = f.data(), *k = zero + n, *acc1 = k + n, *acc2 = acc1 + n, *d = acc2 + n,
           *a = d + n, *c0 = a + n, *c1 = c0 + n;
     std::vector<double> tot(2 * n, 0.0);
     double *u1 = tot.data(), *u2 = u1 + n;
     for (int64_t c = 0; c < n; ++c) {
-      const int64_t i = s * G + g0 + c / Cg;
+      const int64_t i = s * G + c / Cg;
       zero[c] = 0.f;
       k[c] = center ? sk[i] : 0.f;
       d[c] = center ? sd[i] : 0.f;
@@ -78,14 +70,14 @@ void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* 
     sum_row_range<1, false>(gs, xs, L, 0, M, zero, k, acc1, acc2, u1, u2, n, ahead, M);
     for (int64_t c = 0; c < n; ++c) {
       u2[c] -= static_cast<double>(d[c]) * u1[c];  // sum g * ((x - k) - d)
-      t1[s * L + l0 + c] = static_cast<float>(u1[c]);
-      t2[s * L + l0 + c] = static_cast<float>(u2[c]);
+      t1[s * L + c] = static_cast<float>(u1[c]);
+      t2[s * L + c] = static_cast<float>(u2[c]);
     }
     for (int64_t c_first = 0; c_first < n; c_first += Cg) {  // per group
-      const int64_t i = s * G + g0 + c_first / Cg;
+      const int64_t i = s * G + c_first / Cg;
       double a1 = 0, a2 = 0;
       for (int64_t c = c_first; c < c_first + Cg; ++c) {
-        const double sc = (flags & kScale) ? scale[l0 + c] : 1.0;
+        const double sc = (flags & kScale) ? scale[c] : 1.0;
         a1 += u1[c] * sc;
         a2 += u2[c] * sc;
       }
@@ -93,7 +85,7 @@ void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* 
       const float g0c = center ? static_cast<float>(sctd[i] - rstd * a1) : 0.f;
       const float g1c = static_cast<float>(2.0 * sctv[i] - double(rstd) * rstd * rstd * a2);
       for (int64_t c = c_first; c < c_first + Cg; ++c) {
-        a[c] = ((flags & kScale) ? scale[l0 + c] : 1.f) * rstd;
+        a[c] = ((flags & kScale) ? scale[c] : 1.f) * rstd;
         c0[c] = g0c;
         c1[c] = g1c;
       }
@@ -165,6 +157,9 @@ ffi::Error GroupsBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
 }
 
 }  // namespace
+
+// For _groups.max_sample_bytes: the cache size the kernels see.
+extern "C" int64_t jaxnorm_l3_bytes() { return l3_bytes(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormGroupsBwd, GroupsBwdImpl,
                               ffi::Ffi::Bind()
