@@ -161,8 +161,8 @@ def kernels_available() -> bool:
 
 
 def l3_cache_bytes() -> int:
-  """The L3 cache's size as the kernels see it (``sysconf``; 32 MiB where unknown or
-  the kernels are not loaded)."""
+  """The L3 cache's size as the kernels see it: Linux's sysfs for CPU 0, else
+  ``sysconf``, else 32 MiB (also when the kernels are not loaded)."""
   lib = _state["loaded"]
   if lib is None:
     return 32 << 20
