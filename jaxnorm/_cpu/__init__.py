@@ -1,7 +1,8 @@
 """Fused CPU kernels (XLA FFI custom calls): build, load and the on/off switches.
 
 The kernels are C++ (``rows.cc``: layer/RMS norm per row; ``cols.cc``: the column
-sums behind batch, group and instance norm's statistics) compiled with ``g++ -O3 -march=native`` against the
+sums behind batch, group and instance norm's statistics; ``groups.cc``: group and
+instance norm's backward) compiled with ``g++ -O3 -march=native`` against the
 FFI headers of the *installed* jaxlib (``jax.ffi.include_dir()``).  They are built at
 first use into a per-user cache (``$JAXNORM_CACHE_DIR``, default
 ``~/.cache/jaxnorm``), keyed by a hash of the source, the jaxlib version, the
@@ -91,7 +92,11 @@ def _build() -> pathlib.Path:
   if cxx is None:
     raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
   include = jax.ffi.include_dir()
-  flags = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
+  # 512-bit vectors where the CPU has them (GCC's default for -march=native on recent Xeons
+  # is 256): layer norm 0.89-0.97x the time on an AVX-512 Xeon; no effect on AVX2 CPUs.
+  # Results are the same bits (the reductions' order is fixed by explicit 8-lane vectors).
+  flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off",
+           "-std=c++17", "-shared", "-fPIC", "-w"]
   key = hashlib.sha256()
   for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), jaxlib.__version__.encode(), cxx.encode(),
                " ".join(flags).encode(), _cpu_flags().encode(), sys.platform.encode()):

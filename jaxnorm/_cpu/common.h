@@ -253,16 +253,19 @@ inline int64_t l3_bytes() {
 // cache for its consumer they are slower, so they are used only when the arrays a
 // kernel touches total at least stream_threshold() bytes: JAXNORM_STREAM_BYTES if
 // set to an integer (0: always, negative: never; anything else is ignored), else
-// 1.5 x the L3 cache.  Measured on a 2-core
-// EPYC (32 MiB L3), x * 2 + 1 followed by a tanh: streaming loses at 32 MiB touched
-// (1.69 vs 1.57 x XLA's fused pass) and wins from 48 MiB on (1.60 vs 1.77).
+// 1.5 x the L3 cache, at most 48 MiB.  Measured on a 2-core EPYC (32 MiB L3), x * 2 + 1
+// followed by a tanh: streaming loses at 32 MiB touched (1.69 vs 1.57 x XLA's fused
+// pass) and wins from 48 MiB on (1.60 vs 1.77).  On a 2-core Xeon VM whose sysfs L3 is
+// the whole socket's 105 MiB (shared with other tenants), streaming the layer norm's
+// output won from 64 MiB touched (0.93-0.95 x the time, also with a tanh after it) and
+// lost at 32 MiB (bfloat16, 1.10 x), hence the cap.
 inline int64_t stream_threshold() {
   if (const char* e = std::getenv("JAXNORM_STREAM_BYTES"); e && *e) {
     char* end = nullptr;
     const long long v = std::strtoll(e, &end, 10);
     if (*end == '\0') return v < 0 ? INT64_MAX : static_cast<int64_t>(v);
   }
-  return l3_bytes() * 3 / 2;
+  return std::min(l3_bytes() * 3 / 2, int64_t(48) << 20);
 }
 
 // Copies n bytes from src (in cache) to dst with non-temporal stores where dst is
