@@ -50,16 +50,15 @@ void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* 
   const int64_t ahead = std::max<int64_t>(  // rows: kPrefetchBytes of x and g
       1, kPrefetchBytes / std::max<int64_t>(1, L * int64_t(sizeof(TX) + sizeof(TG))));
   parallel_for(pool, S, [&](int64_t s) {
-    const int64_t n = L;
     const TX* xs = x + s * M * L;
     const TG* gs = g + s * M * L;
     TX* dxs = dx + s * M * L;
-    std::vector<float> f(8 * n);
-    float *zero = f.data(), *k = zero + n, *acc1 = k + n, *acc2 = acc1 + n, *d = acc2 + n,
-          *a = d + n, *c0 = a + n, *c1 = c0 + n;
-    std::vector<double> tot(2 * n, 0.0);
-    double *u1 = tot.data(), *u2 = u1 + n;
-    for (int64_t c = 0; c < n; ++c) {
+    std::vector<float> f(8 * L);
+    float *zero = f.data(), *k = zero + L, *acc1 = k + L, *acc2 = acc1 + L, *d = acc2 + L,
+          *a = d + L, *c0 = a + L, *c1 = c0 + L;
+    std::vector<double> tot(2 * L, 0.0);
+    double *u1 = tot.data(), *u2 = u1 + L;
+    for (int64_t c = 0; c < L; ++c) {
       const int64_t i = s * G + c / Cg;
       zero[c] = 0.f;
       k[c] = center ? sk[i] : 0.f;
@@ -67,13 +66,13 @@ void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* 
     }
     // pass 1 (x and g from memory): sum g and g * (x - k) per feature, row by row and
     // reading ahead, as cols.cc does for two operands (four rows at a time: 1.15x)
-    sum_row_range<1, false>(gs, xs, L, 0, M, zero, k, acc1, acc2, u1, u2, n, ahead, M);
-    for (int64_t c = 0; c < n; ++c) {
+    sum_row_range<1, false>(gs, xs, L, 0, M, zero, k, acc1, acc2, u1, u2, L, ahead, M);
+    for (int64_t c = 0; c < L; ++c) {
       u2[c] -= static_cast<double>(d[c]) * u1[c];  // sum g * ((x - k) - d)
       t1[s * L + c] = static_cast<float>(u1[c]);
       t2[s * L + c] = static_cast<float>(u2[c]);
     }
-    for (int64_t c_first = 0; c_first < n; c_first += Cg) {  // per group
+    for (int64_t c_first = 0; c_first < L; c_first += Cg) {  // per group
       const int64_t i = s * G + c_first / Cg;
       double a1 = 0, a2 = 0;
       for (int64_t c = c_first; c < c_first + Cg; ++c) {
@@ -92,24 +91,24 @@ void groups_bwd(ffi::ThreadPool& pool, int flags, const TX* x, const TG* g, TX* 
     }
     // pass 2 (x and g from cache): dx = g * a + (c0 + c1 * xc) / n
     RowSink<TX> sink(stream);
-    std::vector<float> row(std::is_same_v<TX, float> ? 0 : n);
+    std::vector<float> row(std::is_same_v<TX, float> ? 0 : L);
     const float inv_n = 1.f / static_cast<float>(M * Cg);  // local: kept in a register
     for (int64_t m = 0; m < M; ++m) {
       const TX* xr = xs + m * L;
       const TG* gr = gs + m * L;
-      TX* out = sink.row(dxs + m * L, n);
+      TX* out = sink.row(dxs + m * L, L);
       float* v = std::is_same_v<TX, float> ? reinterpret_cast<float*>(out) : row.data();
       int64_t c = 0;
-      for (; c + 8 <= n; c += 8) {
+      for (; c + 8 <= L; c += 8) {
         const V8 xc = (load8(xr + c) - load8(k + c)) - load8(d + c);
         store8(v + c, load8(gr + c) * load8(a + c) + (load8(c0 + c) + load8(c1 + c) * xc) * inv_n);
       }
-      for (; c < n; ++c) {
+      for (; c < L; ++c) {
         const float xc = (to_f32(xr[c]) - k[c]) - d[c];
         v[c] = to_f32(gr[c]) * a[c] + (c0[c] + c1[c] * xc) * inv_n;
       }
       if constexpr (!std::is_same_v<TX, float>)
-        for (c = 0; c < n; ++c) out[c] = from_f32<TX>(v[c]);
+        for (c = 0; c < L; ++c) out[c] = from_f32<TX>(v[c]);
       sink.flush();
     }
   });
