@@ -840,7 +840,7 @@ def summary_table(results: Sequence[Result], markdown: bool, main: str = "jaxnor
   names = [n for n in ("floor-ffi", main, "jaxnorm-xla", REF, "flax.linen", "flax.nnx", "torch")
            if any(n in r.times for r in results)]
   headers = (["case", "floor"] + [SHORT.get(n, n) for n in names]
-             + ["limit", "target", "met", "fastest"])
+             + ["limit", "target", "met", "beaten by"])
   rows = []
   for r in results:
     ratios = [r.ratio(n, "floor") for n in names]
@@ -850,28 +850,19 @@ def summary_table(results: Sequence[Result], markdown: bool, main: str = "jaxnor
     rows.append([r.case.name, _fmt(1e3 * (r.median("floor") or math.nan), ".2f")]
                 + [_fmt(v, ".2f") for v in ratios]
                 + [_fmt(r.case.passes, ".1f"),
-                   _target(r.case.target), met,
-                   _fastest(r, main)])
+                   _fmt(r.case.target, ".2f", "x"), met, _beaten_by(r, main)])
   return _table(headers, rows, markdown)
 
 
-def _target(t: float | None) -> str:
-  """1.4 -> '1.4x', 0.75 -> '0.75x', 3 -> '3.0x', None -> '-'."""
-  if t is None:
-    return "-"
-  text = f"{t:.2f}".rstrip("0")
-  return (text + "0" if text.endswith(".") else text) + "x"
-
-
-def _fastest(r: Result, main: str) -> str:
-  """'yes' when ``main`` beat flax.linen and torch (those that ran) in this run, else
-  'no: ' and which beat it; '-' for the folding case (a different computation) or
-  when no peer ran."""
+def _beaten_by(r: Result, main: str) -> str:
+  """Which of flax.linen and torch (those that ran) beat ``main`` in this run:
+  'none', 'linen', 'torch' or 'both'; '-' for the folding case (a different
+  computation) or when no peer ran.  Short values: the summary fits 100 columns."""
   peers = [n for n in ("flax.linen", "torch") if r.median(n) is not None]
   if r.case.norm == "conv_bn_relu" or not peers or r.median(main) is None:
     return "-"
   faster = [SHORT.get(n, n) for n in peers if r.median(n) < r.median(main)]
-  return "no: " + ", ".join(faster) if faster else "yes"
+  return "both" if len(faster) == 2 else faster[0] if faster else "none"
 
 
 def _skipped_everywhere(results: Sequence[Result]) -> dict[str, str]:
@@ -930,8 +921,8 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
       "'ffi' = the same x*2+1 as a C++ FFI kernel; 'xla' = jaxnorm with its CPU kernels off,",
       "'ref' = jaxnorm's plain-autodiff path). 'limit' = the pass-count limit: full-array",
       "memory passes the case needs at least, in floors. 'met' = jaxnorm within 2% of the",
-      "CPU-kernel issue's target ratio (yes/no; '-' = no target). 'fastest' = jaxnorm faster",
-      "than flax.linen and torch in this run (or which of them was faster).",
+      "CPU-kernel issue's target ratio (yes/no; '-' = no target). 'beaten by' = which of",
+      "flax.linen and torch was faster than jaxnorm in this run (none, linen, torch, both).",
   ]
   out += ([" ".join(legend)] if md else legend) + [""]
   out += summary_table(results, md) + [""]

@@ -46,3 +46,21 @@ def test_markdown_and_selection():
   assert args.markdown and args.size == "quick" and args.rounds > 0
   assert [c.name for c in benchmarks.select("rms_norm")] == ["rms_norm/fwd", "rms_norm/fwd+bwd"]
   assert benchmarks.main(["--cases", "no-such-case"]) == 2
+
+
+def test_summary_says_who_beat_jaxnorm_and_fits_100_columns():
+  """'beaten by' from fixed timings (no run), and the widest value keeps the summary of
+  the harness test's competitors within 100 columns whatever the timings."""
+  names = ("floor", "jaxnorm", benchmarks.REF, "flax.linen", "flax.nnx", "torch")
+  case = next(c for c in benchmarks.CASES if c.name == "batch_norm/train/fwd/nhwc")
+
+  def summary(jaxnorm, linen, torch):
+    ms = dict.fromkeys(names, 1.0) | {"jaxnorm": jaxnorm, "flax.linen": linen, "torch": torch}
+    r = benchmarks.Result(case, case.tiny_shape, {n: [t] for n, t in ms.items()}, {}, {}, {})
+    return benchmarks.summary_table([r], markdown=False)
+
+  for (j, l, t), who in (((1, 2, 2), "none"), ((2, 1, 3), "linen"), ((2, 3, 1), "torch"),
+                         ((3, 1, 2), "both")):
+    lines = summary(j, l, t)
+    assert lines[0].split()[-2:] == ["beaten", "by"] and lines[-1].split()[-1] == who
+    assert max(len(line) for line in lines) <= 100
